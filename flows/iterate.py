@@ -1,0 +1,98 @@
+"""Prefect flows over `flywheel.pipeline`: one named task per stage, version ids between them.
+
+Tasks are thin: each calls one plain pipeline function and returns a version id (a short
+string), never data. The round's summary becomes a markdown artifact.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flywheel import pipeline, report
+from flywheel.config import config_from_dict
+
+
+def _ctx(config: dict, run_id: str) -> pipeline.Context:
+    ctx = pipeline.context(config_from_dict(config), run_id)
+    try:
+        logger = get_run_logger()
+        ctx.log = logger.info
+    except Exception:  # outside a run context: keep printing
+        pass
+    return ctx
+
+
+@task(name="prompts", cache_policy=NO_CACHE)
+def prompts_task(config: dict, run_id: str, round_: int, pool: list[str], policy: str) -> str:
+    return pipeline.generate_prompts(_ctx(config, run_id), round_, pool, policy)
+
+
+@task(name="samples", cache_policy=NO_CACHE)
+def samples_task(config: dict, run_id: str, round_: int, new: str, pool: list[str],
+                 policy: str) -> str:
+    return pipeline.sample(_ctx(config, run_id), round_, new, pool, policy)
+
+
+@task(name="judgments", cache_policy=NO_CACHE)
+def judgments_task(config: dict, run_id: str, round_: int, samples: str, prompts: list[str],
+                   policy: str) -> str:
+    return pipeline.judge(_ctx(config, run_id), round_, samples, prompts, policy)
+
+
+@task(name="pairs", cache_policy=NO_CACHE)
+def pairs_task(config: dict, run_id: str, round_: int, judgments: str, samples: str,
+               prompts: list[str]) -> str:
+    return pipeline.build_pairs(_ctx(config, run_id), round_, judgments, samples, prompts)
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_task(config: dict, run_id: str, round_: int, pairs: str, prompts: list[str],
+               policy: str) -> str:
+    return pipeline.train(_ctx(config, run_id), round_, pairs, prompts, policy)
+
+
+@task(name="eval", cache_policy=NO_CACHE)
+def eval_task(config: dict, run_id: str, round_: int, model: str, baseline: str | None,
+              baseline_eval: str | None) -> str:
+    return pipeline.evaluate(_ctx(config, run_id), round_, model, baseline, baseline_eval)
+
+
+@task(name="round-0", cache_policy=NO_CACHE)
+def round_zero_task(config: dict, run_id: str) -> tuple[str, str, str]:
+    return pipeline.round_zero(_ctx(config, run_id))
+
+
+@flow(name="flywheel-round", log_prints=True)
+def round_flow(config: dict, run_id: str, round_: int, pool: list[str], policy: str,
+               last_eval: str) -> dict:
+    """One round: prompts -> samples -> judgments -> pairs -> train -> eval."""
+    new = prompts_task(config, run_id, round_, pool, policy)
+    prompts = [*pool, new]
+    samples = samples_task(config, run_id, round_, new, pool, policy)
+    judgments = judgments_task(config, run_id, round_, samples, prompts, policy)
+    pairs = pairs_task(config, run_id, round_, judgments, samples, prompts)
+    model = train_task(config, run_id, round_, pairs, prompts, policy)
+    ev = eval_task(config, run_id, round_, model, policy, last_eval)
+    rows = report.summary_rows(_ctx(config, run_id).catalog, upto=round_)
+    create_markdown_artifact(key=f"flywheel-round-{round_}",
+                             markdown=f"# flywheel round {round_}\n\n" + report.markdown(rows),
+                             description=f"round {round_} summary")
+    return {"round": round_, "prompts": new, "samples": samples, "judgments": judgments,
+            "pairs": pairs, "model": model, "eval": ev}
+
+
+@flow(name="flywheel-iterate", log_prints=True)
+def iterate_flow(config: dict, rounds: int = 3, run_id: str | None = None,
+                 command: str = "flywheel iterate") -> list[dict]:
+    """Rounds 1..`rounds`; each starts from the model the round before made."""
+    ctx = pipeline.start(config_from_dict(config), run_id, command)
+    seeds, policy, last_eval = round_zero_task(config, ctx.run_id)
+    pool, results = [seeds], []
+    for r in range(1, rounds + 1):
+        res = round_flow(config, ctx.run_id, r, pool, policy, last_eval)
+        pool, policy, last_eval = [*pool, res["prompts"]], res["model"], res["eval"]
+        results.append(res)
+        report.print_table(report.summary_rows(ctx.catalog, upto=r), f"flywheel · round {r}")
+    return results

@@ -1,0 +1,76 @@
+"""Inference backends behind one small protocol, chosen by a short name per role."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from flywheel.errors import FlywheelError
+
+Conversation = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated completion."""
+
+    text: str
+    finish_reason: str  # "stop" (end-of-turn token) or "length" (hit max_new_tokens)
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Backend(Protocol):
+    """What every backend offers the stages."""
+
+    def generate(
+        self,
+        model: str,
+        conversations: list[Conversation],
+        *,
+        n: int = 1,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 64,
+        seed: int = 0,
+        desc: str = "generate",
+    ) -> list[list[Generation]]:
+        """`n` completions per conversation (temperature 0 = greedy)."""
+        ...
+
+    def rationale_then_probs(
+        self,
+        model: str,
+        conversations: list[Conversation],
+        *,
+        forced_prefix: str,
+        candidates: list[str],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        seed: int = 0,
+        stop=None,
+        desc: str = "judge",
+    ) -> list[tuple[str, str, dict[str, float]]]:
+        """A rationale, then P(next token = candidate) after rationale + `forced_prefix`.
+
+        Returns (raw generated text, rationale kept before any verdict `stop` finds, probs).
+        """
+        ...
+
+    def release(self) -> None:
+        """Free the loaded models (before training needs the memory)."""
+        ...
+
+
+def get_backend(name: str, *, device: str = "cpu", dtype: str = "float32", batch_size: int = 16,
+                progress: bool = True) -> Backend:
+    """The backend registered under `name`."""
+    if name == "transformers":
+        from flywheel.backends.transformers import TransformersBackend
+
+        return TransformersBackend(
+            device=device, dtype=dtype, batch_size=batch_size, progress=progress
+        )
+    raise FlywheelError(
+        f"unknown backend {name!r}", details=["models.backend must be one of: transformers"]
+    )

@@ -1,0 +1,427 @@
+"""The catalog: every dataset version flywheel makes, in one DuckDB file.
+
+A *version* is the immutable output of one stage (prompts, samples, judgments, pairs, model,
+eval). Its rows live in one table per kind and carry the `version_id`; the `versions` table
+holds the version's parents, params and fingerprint. A stage commits its rows and its version
+row in one transaction, so a crash never leaves a partial version, and a stage whose
+fingerprint (kind + params + parents' fingerprints + code version) is already stored is found,
+not recomputed.
+
+The write connection is opened only for the length of a commit, so other processes can read
+the file (`flywheel sql`) between commits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from flywheel import __version__
+from flywheel.errors import FlywheelError
+
+#: Bumped when a stage's output for the same inputs changes; part of every fingerprint.
+CODE_VERSION = f"{__version__}+1"
+
+KINDS = ("prompts", "samples", "judgments", "pairs", "model", "eval")
+
+#: The table that holds each kind's rows.
+TABLES = {
+    "prompts": "prompts",
+    "samples": "samples",
+    "judgments": "judgments",
+    "pairs": "pairs",
+    "model": "models",
+    "eval": "evals",
+}
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS versions (
+    version_id   VARCHAR PRIMARY KEY,
+    kind         VARCHAR NOT NULL,
+    run_id       VARCHAR NOT NULL,
+    round        INTEGER NOT NULL,
+    parents      VARCHAR[] NOT NULL,
+    params       JSON NOT NULL,
+    fingerprint  VARCHAR NOT NULL,
+    row_count    BIGINT NOT NULL,
+    created_at   TIMESTAMP NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id       VARCHAR PRIMARY KEY,
+    started_at   TIMESTAMP NOT NULL,
+    config       JSON NOT NULL,
+    command      VARCHAR
+);
+CREATE TABLE IF NOT EXISTS prompts (
+    version_id   VARCHAR NOT NULL,
+    prompt_id    VARCHAR NOT NULL,
+    text         VARCHAR NOT NULL,
+    gold         VARCHAR,
+    constraints  JSON NOT NULL,
+    category     VARCHAR,
+    source       VARCHAR NOT NULL,      -- seed | self-instruct | ingest
+    source_ref   VARCHAR,               -- file:line for seeds, generator model version otherwise
+    examples     VARCHAR[] NOT NULL,    -- prompt_ids of the few-shot examples it came from
+    raw          VARCHAR                -- the generator's raw output (self-instruct)
+);
+CREATE TABLE IF NOT EXISTS samples (
+    version_id        VARCHAR NOT NULL,
+    sample_id         VARCHAR NOT NULL,
+    prompt_id         VARCHAR NOT NULL,
+    model_version     VARCHAR NOT NULL,
+    idx               INTEGER NOT NULL,   -- candidate index; -1 for the SPIN greedy answer
+    greedy            BOOLEAN NOT NULL,
+    text              VARCHAR NOT NULL,
+    finish_reason     VARCHAR NOT NULL,   -- stop | length
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    temperature       DOUBLE NOT NULL,
+    top_p             DOUBLE NOT NULL,
+    max_new_tokens    INTEGER NOT NULL,
+    seed              BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS judgments (
+    version_id     VARCHAR NOT NULL,
+    judgment_id    VARCHAR NOT NULL,
+    type           VARCHAR NOT NULL,   -- pointwise | pairwise | verifier
+    prompt_id      VARCHAR NOT NULL,
+    sample_id      VARCHAR,            -- pointwise / verifier: the judged sample
+    sample_a       VARCHAR,            -- pairwise: shown first
+    sample_b       VARCHAR,            -- pairwise: shown second
+    comparison_id  VARCHAR,            -- pairwise: the unordered comparison (same for both orders)
+    swapped        BOOLEAN,            -- pairwise: false = (first, second), true = order swapped
+    k              INTEGER NOT NULL,   -- judge sample index
+    judge          VARCHAR NOT NULL,   -- model version or verifier name@version
+    judge_path     VARCHAR,
+    judge_hash     VARCHAR,
+    template_hash  VARCHAR,
+    method         VARCHAR NOT NULL,   -- text | logprobs | verifier
+    raw            VARCHAR NOT NULL,
+    rationale      VARCHAR,
+    parsed         BOOLEAN NOT NULL,
+    error          VARCHAR,
+    score          DOUBLE,             -- pointwise score, or 1/0 for a verifier
+    verdict        VARCHAR,            -- pairwise: A | B | C as shown; verifier: pass | fail
+    winner         VARCHAR,            -- pairwise: sample_id of the winner, NULL for a tie
+    probs          JSON
+);
+CREATE TABLE IF NOT EXISTS pairs (
+    version_id      VARCHAR NOT NULL,
+    pair_id         VARCHAR NOT NULL,
+    prompt_id       VARCHAR NOT NULL,
+    chosen_id       VARCHAR NOT NULL,   -- sample_id, or 'gold:<prompt_id>' for SPIN
+    rejected_id     VARCHAR NOT NULL,
+    chosen_text     VARCHAR NOT NULL,
+    rejected_text   VARCHAR NOT NULL,
+    chosen_score    DOUBLE,
+    rejected_score  DOUBLE,
+    margin          DOUBLE,
+    rule            VARCHAR NOT NULL,   -- verifier | llm | spin
+    min_margin      DOUBLE,
+    judgment_ids    VARCHAR[] NOT NULL
+);
+CREATE TABLE IF NOT EXISTS models (
+    version_id     VARCHAR NOT NULL,
+    path           VARCHAR NOT NULL,
+    content_hash   VARCHAR NOT NULL,
+    base_version   VARCHAR,            -- the round's starting model
+    method         VARCHAR,            -- base | dpo | spin | unchanged
+    train_pairs    BIGINT,
+    metrics        JSON NOT NULL
+);
+CREATE TABLE IF NOT EXISTS evals (
+    version_id      VARCHAR NOT NULL,
+    model_version   VARCHAR NOT NULL,
+    baseline_version VARCHAR,
+    n_prompts       INTEGER NOT NULL,
+    wins            INTEGER,
+    losses          INTEGER,
+    ties            INTEGER,
+    win_rate        DOUBLE,
+    ci_low          DOUBLE,
+    ci_high         DOUBLE,
+    llm_flip_rate   DOUBLE,
+    pass_rate       DOUBLE,
+    pass_by_type    JSON NOT NULL
+);
+CREATE TABLE IF NOT EXISTS eval_items (
+    version_id      VARCHAR NOT NULL,
+    prompt_id       VARCHAR NOT NULL,
+    model_version   VARCHAR NOT NULL,
+    text            VARCHAR NOT NULL,
+    finish_reason   VARCHAR NOT NULL,
+    checks          JSON NOT NULL,      -- verifier results for the prompt's constraints
+    pass_fraction   DOUBLE,
+    baseline_text   VARCHAR,
+    verdict_ab      VARCHAR,            -- LLM judge, new shown first
+    verdict_ba      VARCHAR,            -- LLM judge, baseline shown first
+    outcome         VARCHAR             -- win | loss | tie (new vs baseline)
+);
+CREATE OR REPLACE VIEW latest_versions AS
+    SELECT * EXCLUDE (rn) FROM (
+        SELECT *, row_number() OVER (PARTITION BY kind ORDER BY round DESC, created_at DESC) AS rn
+        FROM versions) WHERE rn = 1;
+CREATE OR REPLACE VIEW round_summary AS
+WITH v AS (SELECT * FROM versions WHERE round >= 1),
+p AS (SELECT v.round, max(v.created_at) AS created_at, sum(v.row_count) AS prompts_added
+      FROM v WHERE kind = 'prompts' GROUP BY v.round),
+s AS (SELECT v.round, count(*) AS samples FROM v JOIN samples USING (version_id)
+      WHERE NOT samples.greedy GROUP BY v.round),
+jp AS (SELECT v.round, avg(j.score) FILTER (WHERE j.type = 'pointwise' AND j.parsed) AS mean_judge_score,
+              count(*) FILTER (WHERE j.type <> 'verifier' AND NOT j.parsed) AS parse_failures,
+              count(*) FILTER (WHERE j.type <> 'verifier') AS judge_outputs,
+              avg(j.score) FILTER (WHERE j.type = 'verifier') AS verifier_pass_rate
+       FROM v JOIN judgments j USING (version_id) GROUP BY v.round),
+jf AS (SELECT round, avg(CASE WHEN n = 2 AND n_verdicts = 2 AND winners <> 1 THEN 1.0
+                              WHEN n = 2 AND n_verdicts = 2 THEN 0.0 END) AS order_flip_rate,
+              count(*) AS comparisons
+       FROM (SELECT v.round, j.comparison_id, count(*) AS n, count(j.verdict) AS n_verdicts,
+                    count(DISTINCT coalesce(j.winner, 'tie')) AS winners
+             FROM v JOIN judgments j USING (version_id)
+             WHERE j.type = 'pairwise' AND j.parsed GROUP BY ALL) GROUP BY round),
+pr AS (SELECT v.round, v.row_count AS pairs FROM v WHERE kind = 'pairs'),
+m AS (SELECT v.round, v.version_id AS model_version,
+             TRY_CAST(json_extract(models.metrics, '$.train_loss') AS DOUBLE) AS train_loss
+      FROM v JOIN models USING (version_id)),
+e AS (SELECT v.round, evals.win_rate, evals.ci_low, evals.ci_high, evals.pass_rate
+      FROM v JOIN evals USING (version_id)),
+e0 AS (SELECT evals.pass_rate AS base_pass_rate FROM versions JOIN evals USING (version_id)
+       WHERE versions.round = 0 ORDER BY versions.created_at DESC LIMIT 1)
+SELECT p.round, p.prompts_added, s.samples, jp.mean_judge_score, jp.parse_failures,
+       jp.judge_outputs, jf.order_flip_rate, jf.comparisons, jp.verifier_pass_rate, pr.pairs,
+       m.model_version, m.train_loss, e.win_rate, e.ci_low, e.ci_high,
+       e.pass_rate, e0.base_pass_rate, e.pass_rate - e0.base_pass_rate AS pass_rate_delta
+FROM p LEFT JOIN s USING (round) LEFT JOIN jp USING (round) LEFT JOIN jf USING (round)
+       LEFT JOIN pr USING (round) LEFT JOIN m USING (round) LEFT JOIN e USING (round)
+       CROSS JOIN (SELECT * FROM e0 UNION ALL SELECT NULL WHERE NOT EXISTS (SELECT 1 FROM e0)) e0
+ORDER BY p.round;
+"""
+
+
+def stable_id(*parts: object, length: int = 16) -> str:
+    """A short, stable hex id from its parts."""
+    h = hashlib.sha256("\x1f".join(map(str, parts)).encode())
+    return h.hexdigest()[:length]
+
+
+def normalise_text(text: str) -> str:
+    """Case- and whitespace-insensitive form of a prompt, the basis of its `prompt_id`."""
+    return " ".join(text.lower().split())
+
+
+def prompt_id(text: str) -> str:
+    """The stable id of a prompt: the hash of its normalised text."""
+    return "p_" + stable_id(normalise_text(text))
+
+
+def fingerprint(kind: str, params: Mapping[str, Any], parent_fps: Sequence[str]) -> str:
+    """Hash of everything that determines a version's content."""
+    payload = json.dumps(
+        {"kind": kind, "params": params, "parents": list(parent_fps), "code": CODE_VERSION},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class Version:
+    """One row of the `versions` table."""
+
+    version_id: str
+    kind: str
+    run_id: str
+    round: int
+    parents: list[str]
+    params: dict
+    fingerprint: str
+    row_count: int
+    created_at: datetime
+
+
+class Catalog:
+    """All persistence: open, commit a version atomically, look versions up, read rows."""
+
+    def __init__(self, path: str | Path, *, lock_timeout: float = 30.0):
+        self.path = Path(path)
+        self.lock_timeout = lock_timeout
+
+    # -- connections ---------------------------------------------------------------------
+    def _connect(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=read_only)
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                    raise FlywheelError(
+                        f"cannot open the catalog {self.path}: {exc}",
+                        details=["another flywheel process is writing it; retry when it finishes"],
+                    ) from exc
+                time.sleep(0.2)
+
+    @contextmanager
+    def read(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only connection (fails if the file does not exist)."""
+        if not self.path.is_file():
+            raise FlywheelError(
+                f"no catalog at {self.path}",
+                details=["run `flywheel iterate` first, or pass --catalog PATH"],
+            )
+        con = self._connect(read_only=True)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    @contextmanager
+    def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-write connection inside one transaction; rolled back on any error."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        con = self._connect(read_only=False)
+        try:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                yield con
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        finally:
+            con.close()
+
+    def init(self) -> None:
+        """Create the schema (idempotent)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        con = self._connect(read_only=False)
+        try:
+            con.execute(SCHEMA)
+        finally:
+            con.close()
+
+    # -- versions ------------------------------------------------------------------------
+    def find(self, fp: str) -> Version | None:
+        """The committed version with this fingerprint, if any."""
+        if not self.path.is_file():
+            return None
+        with self.read() as con:
+            row = con.execute(
+                "SELECT * FROM versions WHERE fingerprint = ? ORDER BY created_at LIMIT 1", [fp]
+            ).fetchall()
+        return _version(row[0]) if row else None
+
+    def get(self, version_id: str) -> Version:
+        """A version by id; a clear error if there is none."""
+        with self.read() as con:
+            row = con.execute("SELECT * FROM versions WHERE version_id = ?", [version_id]).fetchall()
+        if not row:
+            raise FlywheelError(f"no version {version_id!r} in {self.path}")
+        return _version(row[0])
+
+    def commit(
+        self,
+        *,
+        kind: str,
+        run_id: str,
+        round: int,
+        parents: Sequence[str],
+        params: Mapping[str, Any],
+        fp: str,
+        tables: Mapping[str, Any],
+        row_count: int | None = None,
+    ) -> Version:
+        """Write a version and its rows in one transaction.
+
+        `tables` maps table name -> pandas DataFrame of rows (without `version_id`, which is
+        added). If a version with the same fingerprint was committed meanwhile, that one is
+        returned and nothing is written.
+        """
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}")
+        version_id = f"{kind}-r{round}-{fp[:10]}"
+        main = tables.get(TABLES[kind])
+        count = row_count if row_count is not None else (0 if main is None else len(main))
+        with self.write() as con:
+            hit = con.execute("SELECT * FROM versions WHERE fingerprint = ?", [fp]).fetchall()
+            if hit:
+                return _version(hit[0])
+            for table, df in tables.items():
+                if df is None or len(df) == 0:
+                    continue
+                df = df.copy()
+                df.insert(0, "version_id", version_id)
+                con.register("_rows", df)
+                cols = ", ".join(f'"{c}"' for c in df.columns)
+                con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _rows")
+                con.unregister("_rows")
+            con.execute(
+                "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    version_id,
+                    kind,
+                    run_id,
+                    round,
+                    list(parents),
+                    json.dumps(params, sort_keys=True, default=str),
+                    fp,
+                    count,
+                    datetime.now(timezone.utc).replace(tzinfo=None),
+                ],
+            )
+        return self.get(version_id)
+
+    def record_run(self, run_id: str, config: Mapping[str, Any], command: str) -> None:
+        """Record one invocation of the loop."""
+        with self.write() as con:
+            con.execute(
+                "INSERT INTO runs VALUES (?, ?, ?, ?)",
+                [
+                    run_id,
+                    datetime.now(timezone.utc).replace(tzinfo=None),
+                    json.dumps(config, default=str),
+                    command,
+                ],
+            )
+
+    # -- reading -------------------------------------------------------------------------
+    def df(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()):
+        """Run a read query and return a pandas DataFrame."""
+        with self.read() as con:
+            return con.execute(sql, params).df()
+
+    def rows(self, kind: str, version_ids: str | Sequence[str]):
+        """All rows of one or several versions of a kind, as a DataFrame."""
+        ids = [version_ids] if isinstance(version_ids, str) else list(version_ids)
+        return self.df(
+            f"SELECT * FROM {TABLES[kind]} WHERE version_id IN (SELECT unnest(?))", [ids]
+        )
+
+
+def new_run_id() -> str:
+    """A run id: UTC time plus a short random suffix."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def _version(row: tuple) -> Version:
+    params = row[5] if isinstance(row[5], dict) else json.loads(row[5])
+    return Version(
+        version_id=row[0],
+        kind=row[1],
+        run_id=row[2],
+        round=row[3],
+        parents=list(row[4]),
+        params=params,
+        fingerprint=row[6],
+        row_count=row[7],
+        created_at=row[8],
+    )

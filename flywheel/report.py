@@ -1,0 +1,78 @@
+"""The end-of-round summary: one row of the `round_summary` view, as a terminal table and as
+markdown (the Prefect artifact)."""
+
+from __future__ import annotations
+
+import math
+
+from flywheel.catalog import Catalog
+
+#: (column of round_summary, header, formatter)
+COLUMNS = [
+    ("round", "round", "{:.0f}"),
+    ("prompts_added", "prompts +", "{:.0f}"),
+    ("samples", "samples", "{:.0f}"),
+    ("mean_judge_score", "judge score", "{:.2f}"),
+    ("parse_failures", "parse fail", "{:.0f}"),
+    ("order_flip_rate", "order flips", "{:.0%}"),
+    ("verifier_pass_rate", "verifier pass", "{:.0%}"),
+    ("pairs", "pairs", "{:.0f}"),
+    ("train_loss", "train loss", "{:.3f}"),
+    ("win_rate", "win rate", "{:.0%}"),
+    ("ci", "95% CI", "{}"),
+    ("pass_rate", "held-out pass", "{:.1%}"),
+    ("base_pass_rate", "round 0 pass", "{:.1%}"),
+]
+
+
+def summary_rows(catalog: Catalog, upto: int | None = None) -> list[dict]:
+    """round_summary rows (all rounds, or up to `upto`), with a formatted CI column."""
+    df = catalog.df("SELECT * FROM round_summary ORDER BY round")
+    if upto is not None:
+        df = df[df["round"] <= upto]
+    rows = []
+    for r in df.to_dict("records"):
+        lo, hi = r.get("ci_low"), r.get("ci_high")
+        r["ci"] = "" if _missing(lo) else f"{lo:.0%}–{hi:.0%}"
+        rows.append(r)
+    return rows
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _fmt(value, spec: str) -> str:
+    if _missing(value) or value == "":
+        return "–"
+    return spec.format(value)
+
+
+def table_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    headers = [h for _, h, _ in COLUMNS]
+    return headers, [[_fmt(r.get(c), f) for c, _, f in COLUMNS] for r in rows]
+
+
+def markdown(rows: list[dict]) -> str:
+    """The summary as a markdown table."""
+    headers, cells = table_cells(rows)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(c) + " |" for c in cells]
+    return "\n".join(lines)
+
+
+def print_table(rows: list[dict], title: str = "flywheel rounds") -> None:
+    """The summary as a rich table on stderr."""
+    from rich.console import Console
+    from rich.table import Table
+
+    headers, cells = table_cells(rows)
+    table = Table(title=title)
+    for h in headers:
+        table.add_column(h, justify="right")
+    for c in cells:
+        table.add_row(*c)
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        console = Console(stderr=True, width=200)
+    console.print(table)

@@ -1,0 +1,83 @@
+"""Eval: the new model against the round's starting model on held-out prompts.
+
+Per prompt: the prompt's verifiers decide first (a higher constraint pass fraction wins); where
+they tie, the LLM judge compares the two answers in both orders, and only agreement counts.
+Win rate counts ties as half, with a 95% Wilson interval. Constraint pass rates are reported
+per constraint type.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+
+from flywheel.constraints import pass_fraction, verify
+from flywheel.stages.sampling import conversation
+
+ITEM_COLUMNS = ["prompt_id", "model_version", "text", "finish_reason", "checks", "pass_fraction",
+                "baseline_text", "verdict_ab", "verdict_ba", "outcome"]
+
+
+def answers(backend, model_path: str, prompts: pd.DataFrame, max_new_tokens: int
+            ) -> pd.DataFrame:
+    """Greedy answers to the eval prompts, with their verifier results."""
+    gens = backend.generate(model_path, [conversation(t) for t in prompts.text], n=1,
+                            temperature=0.0, max_new_tokens=max_new_tokens, desc="eval answers")
+    rows = []
+    for p, [g] in zip(prompts.itertuples(), gens):
+        results = verify(g.text, json.loads(p.constraints))
+        rows.append({"prompt_id": p.prompt_id, "text": g.text, "finish_reason": g.finish_reason,
+                     "checks": json.dumps([r.__dict__ for r in results]),
+                     "pass_fraction": pass_fraction(results)})
+    return pd.DataFrame(rows)
+
+
+def pass_rates(items: pd.DataFrame) -> tuple[float | None, dict[str, float]]:
+    """Overall share of constraints passed, and the share per constraint type."""
+    per_type: dict[str, list[bool]] = {}
+    for checks in items.checks:
+        for c in json.loads(checks):
+            per_type.setdefault(c["type"], []).append(bool(c["passed"]))
+    total = [x for v in per_type.values() for x in v]
+    overall = sum(total) / len(total) if total else None
+    return overall, {k: sum(v) / len(v) for k, v in sorted(per_type.items())}
+
+
+def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion `p` over `n` items."""
+    if n == 0:
+        return 0.0, 1.0
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def outcome(new_frac: float | None, base_frac: float | None, ab: str | None,
+            ba: str | None) -> str:
+    """win / loss / tie of the new answer. `ab`: verdict with new shown first; `ba`: swapped."""
+    if new_frac is not None and base_frac is not None and new_frac != base_frac:
+        return "win" if new_frac > base_frac else "loss"
+    new_wins = (ab == "A", ba == "B")
+    base_wins = (ab == "B", ba == "A")
+    if all(new_wins):
+        return "win"
+    if all(base_wins):
+        return "loss"
+    return "tie"
+
+
+def summarise(items: pd.DataFrame) -> dict:
+    """Wins, losses, ties, win rate (ties half) with its interval, and the LLM flip rate."""
+    n = len(items)
+    wins, losses = int((items.outcome == "win").sum()), int((items.outcome == "loss").sum())
+    ties = n - wins - losses
+    rate = (wins + 0.5 * ties) / n if n else None
+    lo, hi = wilson(rate, n) if n else (None, None)
+    judged = items.dropna(subset=["verdict_ab", "verdict_ba"])
+    flips = [not ((a == "A" and b == "B") or (a == "B" and b == "A") or (a == b == "C"))
+             for a, b in zip(judged.verdict_ab, judged.verdict_ba)]
+    return {"wins": wins, "losses": losses, "ties": ties, "win_rate": rate, "ci_low": lo,
+            "ci_high": hi, "llm_flip_rate": sum(flips) / len(flips) if flips else None}

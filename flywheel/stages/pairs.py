@@ -1,0 +1,147 @@
+"""Pairs: best vs worst per prompt with a minimum margin; SPIN pairs (gold chosen, own answer
+rejected). Pure functions over DataFrames of samples and judgments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from flywheel.catalog import stable_id
+
+PAIR_COLUMNS = ["pair_id", "prompt_id", "chosen_id", "rejected_id", "chosen_text",
+                "rejected_text", "chosen_score", "rejected_score", "margin", "rule", "min_margin",
+                "judgment_ids"]
+
+
+@dataclass(frozen=True)
+class Standing:
+    """What the judges said about one sample."""
+
+    sample_id: str
+    verifier: float | None  # pass fraction over the prompt's constraints
+    llm: float | None  # mean parsed pointwise score, or consistent pairwise wins
+    judgment_ids: tuple[str, ...]
+
+
+def standings(samples: pd.DataFrame, judgments: pd.DataFrame) -> dict[str, list[Standing]]:
+    """Per prompt, each non-greedy sample's verifier fraction and LLM score.
+
+    Unparseable judge outputs are excluded, never turned into scores.
+    """
+    ok = judgments[judgments.parsed.astype(bool)]
+    ver = ok[ok.type == "verifier"].groupby("sample_id")
+    pw = ok[ok.type == "pointwise"].groupby("sample_id")
+    vmean, pmean = ver.score.mean(), pw.score.mean()
+    ids = {sid: list(g.judgment_id) for sid, g in ok[ok.type != "pairwise"].groupby("sample_id")}
+    wins = consistent_wins(judgments) if pmean.empty else {}
+    out: dict[str, list[Standing]] = {}
+    for s in samples[~samples.greedy].itertuples():
+        llm = pmean.get(s.sample_id)
+        if llm is None and wins:
+            llm = float(wins.get(s.sample_id, 0))
+        out.setdefault(s.prompt_id, []).append(Standing(
+            s.sample_id, _num(vmean.get(s.sample_id)), _num(llm),
+            tuple(ids.get(s.sample_id, ()))))
+    return out
+
+
+def _num(x) -> float | None:
+    return None if x is None or pd.isna(x) else float(x)
+
+
+def consistent_wins(judgments: pd.DataFrame) -> dict[str, int]:
+    """Per sample, the comparisons it won in both orders (pairwise mode's score)."""
+    pw = judgments[(judgments.type == "pairwise") & judgments.parsed.astype(bool)]
+    wins: dict[str, int] = {}
+    for _, g in pw.groupby("comparison_id"):
+        w = set(g.winner.fillna("tie"))
+        if len(g) == 2 and len(w) == 1 and "tie" not in w:
+            winner = w.pop()
+            wins[winner] = wins.get(winner, 0) + 1
+    return wins
+
+
+def _key(s: Standing) -> tuple[float, float]:
+    return (-1.0 if s.verifier is None else s.verifier, -1e9 if s.llm is None else s.llm)
+
+
+def best_and_worst(group: list[Standing]) -> tuple[Standing, Standing] | None:
+    """Best and worst by (verifier pass fraction, LLM score); None without two rankable samples."""
+    rankable = [s for s in group if s.verifier is not None or s.llm is not None]
+    if len(rankable) < 2:
+        return None
+    ranked = sorted(rankable, key=lambda s: (_key(s), s.sample_id))
+    return ranked[-1], ranked[0]
+
+
+def pairwise_agrees(judgments: pd.DataFrame, best: str, worst: str) -> tuple[bool, list[str]]:
+    """Whether both orders of the best-vs-worst comparison chose `best`, and their ids."""
+    pw = judgments[(judgments.type == "pairwise")
+                   & (((judgments.sample_a == best) & (judgments.sample_b == worst))
+                      | ((judgments.sample_a == worst) & (judgments.sample_b == best)))]
+    ids = list(pw.judgment_id)
+    ok = pw[pw.parsed]
+    return (len(ok) == 2 and set(ok.winner.fillna("tie")) == {best}), ids
+
+
+def decide(best: Standing, worst: Standing, judgments: pd.DataFrame, cfg
+           ) -> tuple[str, float, list[str]] | None:
+    """(rule, margin, judgment ids) if the pair is kept, else None."""
+    ids = list(best.judgment_ids + worst.judgment_ids)
+    if best.verifier is not None and worst.verifier is not None:
+        margin = best.verifier - worst.verifier
+        if margin >= cfg.min_verifier_margin:
+            return "verifier", margin, ids
+    if best.llm is None or worst.llm is None:
+        return None
+    margin = best.llm - worst.llm
+    if margin < cfg.min_margin or margin <= 0:
+        return None
+    agreed, pw_ids = pairwise_agrees(judgments, best.sample_id, worst.sample_id)
+    if cfg.require_agreement and pw_ids and not agreed:
+        return None
+    return ("llm+pairwise" if pw_ids and agreed else "llm"), margin, ids + pw_ids
+
+
+def build_pairs(samples: pd.DataFrame, judgments: pd.DataFrame, cfg, salt: str) -> pd.DataFrame:
+    """Best-vs-worst preference pairs, one per prompt at most."""
+    text = dict(zip(samples.sample_id, samples.text))
+    rows = []
+    for pid, group in sorted(standings(samples, judgments).items()):
+        bw = best_and_worst(group)
+        if bw is None:
+            continue
+        best, worst = bw
+        decision = decide(best, worst, judgments, cfg)
+        if decision is None:
+            continue
+        rule, margin, ids = decision
+        if cfg.max_length_ratio and len(text[best.sample_id]) > cfg.max_length_ratio * max(
+                1, len(text[worst.sample_id])):
+            continue
+        score = (lambda s: s.verifier if rule == "verifier" else s.llm)
+        rows.append({"pair_id": "pr_" + stable_id(salt, best.sample_id, worst.sample_id),
+                     "prompt_id": pid, "chosen_id": best.sample_id,
+                     "rejected_id": worst.sample_id, "chosen_text": text[best.sample_id],
+                     "rejected_text": text[worst.sample_id], "chosen_score": score(best),
+                     "rejected_score": score(worst), "margin": margin, "rule": rule,
+                     "min_margin": cfg.min_verifier_margin if rule == "verifier"
+                     else cfg.min_margin, "judgment_ids": ids})
+    return pd.DataFrame(rows, columns=PAIR_COLUMNS)
+
+
+def spin_pairs(prompts: pd.DataFrame, samples: pd.DataFrame, salt: str) -> pd.DataFrame:
+    """SPIN: for each prompt with a gold answer, gold = chosen, the policy's greedy = rejected."""
+    gold = {r.prompt_id: r.gold for r in prompts.itertuples() if isinstance(r.gold, str) and r.gold}
+    rows = []
+    for s in samples[samples.greedy].sort_values("prompt_id").itertuples():
+        g = gold.get(s.prompt_id)
+        if not g or g.strip() == s.text.strip():
+            continue
+        rows.append({"pair_id": "pr_" + stable_id(salt, "gold", s.sample_id),
+                     "prompt_id": s.prompt_id, "chosen_id": f"gold:{s.prompt_id}",
+                     "rejected_id": s.sample_id, "chosen_text": g, "rejected_text": s.text,
+                     "chosen_score": None, "rejected_score": None, "margin": None,
+                     "rule": "spin", "min_margin": None, "judgment_ids": []})
+    return pd.DataFrame(rows, columns=PAIR_COLUMNS)

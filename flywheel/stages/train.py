@@ -1,0 +1,90 @@
+"""Train: DPO or SPIN with a LoRA adapter (TRL DPOTrainer + PEFT), merged into a checkpoint.
+
+Reads top to bottom: validate -> load -> dataset -> trainer -> train -> merge -> save. The
+reference model is the round's starting model (the base with the adapter disabled), so SPIN is
+the sigmoid DPO loss on (gold, own answer) pairs against the previous round's model.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from flywheel.errors import FlywheelError
+
+
+def preference_dataset(pairs: pd.DataFrame, prompt_text: dict[str, str]):
+    """A TRL conversational preference dataset (prompt, chosen, rejected)."""
+    from datasets import Dataset
+
+    return Dataset.from_list([
+        {"prompt": [{"role": "user", "content": prompt_text[p.prompt_id]}],
+         "chosen": [{"role": "assistant", "content": p.chosen_text}],
+         "rejected": [{"role": "assistant", "content": p.rejected_text}]}
+        for p in pairs.itertuples()
+    ])
+
+
+def _metrics(history: list[dict]) -> dict:
+    """Training metrics from the Trainer's log history."""
+    logs = [h for h in history if "loss" in h]
+    last = logs[-1] if logs else {}
+    summary = next((h for h in history if "train_loss" in h), {})
+    pick = {k: v for k, v in last.items() if k.startswith("rewards/") or k.startswith("logps/")}
+    return {"train_loss": summary.get("train_loss", last.get("loss")),
+            "first_loss": logs[0]["loss"] if logs else None, "last_loss": last.get("loss"),
+            "reward_accuracy": last.get("rewards/accuracies"),
+            "reward_margin": last.get("rewards/margins"),
+            "steps": summary.get("step", len(logs)), "runtime_s": summary.get("train_runtime"),
+            "losses": [h["loss"] for h in logs], **pick}
+
+
+def train_lora(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str], cfg,
+               out_dir: str | Path, *, seed: int, device: str = "cpu",
+               progress: bool = True) -> dict:
+    """Train a LoRA adapter with DPO on `pairs`, merge it, save to `out_dir`; return metrics."""
+    if pairs.empty:
+        raise FlywheelError("no pairs to train on")
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    out = Path(out_dir)
+    work = out.with_name(out.name + ".work")
+    shutil.rmtree(work, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(base_path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    use_cpu = device == "cpu" or not torch.cuda.is_available()
+    steps_per_epoch = math.ceil(len(pairs) / (cfg.batch_size * cfg.grad_accum))
+    args = DPOConfig(
+        output_dir=str(work), per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.epochs,
+        learning_rate=cfg.learning_rate, beta=cfg.beta,
+        warmup_steps=int(cfg.warmup_ratio * steps_per_epoch * cfg.epochs),
+        loss_type=list(cfg.loss_type), max_length=cfg.max_length, bf16=False,
+        gradient_checkpointing=False, use_cpu=use_cpu, report_to="none", save_strategy="no",
+        logging_steps=1, seed=seed, disable_tqdm=not progress, dataloader_num_workers=0,
+        lr_scheduler_type="constant" if steps_per_epoch * cfg.epochs < 10 else "linear")
+    peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                             lora_dropout=cfg.lora_dropout,
+                             target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM")
+    trainer = DPOTrainer(model=model, args=args, processing_class=tok,
+                         train_dataset=preference_dataset(pairs, prompt_text),
+                         peft_config=peft_config)
+    trainer.train()
+    metrics = _metrics(trainer.state.log_history)
+    merged = trainer.model.merge_and_unload()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    shutil.rmtree(work, ignore_errors=True)
+    return metrics

@@ -177,7 +177,8 @@ p AS (SELECT v.round, max(v.created_at) AS created_at, sum(v.row_count) AS promp
       FROM v WHERE kind = 'prompts' GROUP BY v.round),
 s AS (SELECT v.round, count(*) AS samples FROM v JOIN samples USING (version_id)
       WHERE NOT samples.greedy GROUP BY v.round),
-jp AS (SELECT v.round, avg(j.score) FILTER (WHERE j.type = 'pointwise' AND j.parsed) AS mean_judge_score,
+jp AS (SELECT v.round,
+              avg(j.score) FILTER (WHERE j.type = 'pointwise' AND j.parsed) AS mean_judge_score,
               count(*) FILTER (WHERE j.type <> 'verifier' AND NOT j.parsed) AS parse_failures,
               count(*) FILTER (WHERE j.type <> 'verifier') AS judge_outputs,
               avg(j.score) FILTER (WHERE j.type = 'verifier') AS verifier_pass_rate
@@ -323,7 +324,8 @@ class Catalog:
     def get(self, version_id: str) -> Version:
         """A version by id; a clear error if there is none."""
         with self.read() as con:
-            row = con.execute("SELECT * FROM versions WHERE version_id = ?", [version_id]).fetchall()
+            row = con.execute("SELECT * FROM versions WHERE version_id = ?",
+                              [version_id]).fetchall()
         if not row:
             raise FlywheelError(f"no version {version_id!r} in {self.path}")
         return _version(row[0])

@@ -63,7 +63,7 @@ def test_pairwise_comparisons_are_judged_in_both_orders(one_round):
     _, ws, _ = one_round
     with _con(ws) as con:
         comps = con.execute("""
-            SELECT comparison_id, count(*), count(DISTINCT swapped),
+            SELECT comparison_id, count(*), count(DISTINCT a.swapped),
                    bool_and(a.sample_a = b.sample_b AND a.sample_b = b.sample_a)
             FROM judgments a JOIN judgments b USING (comparison_id)
             WHERE a.type = 'pairwise' AND NOT a.swapped AND b.swapped

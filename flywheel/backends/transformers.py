@@ -89,9 +89,10 @@ class TransformersBackend:
             if sample:
                 kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
             gen = mdl.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1]:]
-            for row, i in zip(gen.tolist(), idx):
+            prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
+            for row, i, plen in zip(gen.tolist(), idx, prompt_lens):
                 ci, k = flat[i]
-                out[ci][k] = _to_generation(tok, row, eos, int(enc["attention_mask"][idx.index(i)].sum()))
+                out[ci][k] = _to_generation(tok, row, eos, int(plen))
             bar.update(len(idx))
         bar.close()
         return out  # type: ignore[return-value]

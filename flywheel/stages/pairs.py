@@ -120,14 +120,16 @@ def build_pairs(samples: pd.DataFrame, judgments: pd.DataFrame, cfg, salt: str) 
         if cfg.max_length_ratio and len(text[best.sample_id]) > cfg.max_length_ratio * max(
                 1, len(text[worst.sample_id])):
             continue
-        score = (lambda s: s.verifier if rule == "verifier" else s.llm)
-        rows.append({"pair_id": "pr_" + stable_id(salt, best.sample_id, worst.sample_id),
-                     "prompt_id": pid, "chosen_id": best.sample_id,
-                     "rejected_id": worst.sample_id, "chosen_text": text[best.sample_id],
-                     "rejected_text": text[worst.sample_id], "chosen_score": score(best),
-                     "rejected_score": score(worst), "margin": margin, "rule": rule,
-                     "min_margin": cfg.min_verifier_margin if rule == "verifier"
-                     else cfg.min_margin, "judgment_ids": ids})
+        by_verifier = rule == "verifier"
+        rows.append({
+            "pair_id": "pr_" + stable_id(salt, best.sample_id, worst.sample_id),
+            "prompt_id": pid, "chosen_id": best.sample_id, "rejected_id": worst.sample_id,
+            "chosen_text": text[best.sample_id], "rejected_text": text[worst.sample_id],
+            "chosen_score": best.verifier if by_verifier else best.llm,
+            "rejected_score": worst.verifier if by_verifier else worst.llm,
+            "margin": margin, "rule": rule,
+            "min_margin": cfg.min_verifier_margin if by_verifier else cfg.min_margin,
+            "judgment_ids": ids})
     return pd.DataFrame(rows, columns=PAIR_COLUMNS)
 
 

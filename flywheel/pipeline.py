@@ -154,6 +154,8 @@ def generate_prompts(ctx: Context, round_: int, pool: list[str], policy: str) ->
     params["constraint_types"] = list(cfg.prompts.constraint_types)
 
     def compute(fp):
+        if cfg.prompts.num_new == 0:
+            return {"prompts": stage.seed_rows([], "")}, {"stats": {}}
         pool_df = _prompts(ctx, pool)
         rng = random.Random(cfg.seed * 7919 + round_)
         requests = stage.self_instruct_requests(pool_df, cfg.prompts, rng)

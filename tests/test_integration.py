@@ -127,3 +127,27 @@ def test_changing_one_setting_recomputes_that_stage_and_later_only(one_round):
               if " reused " in line and "·" in line}
     assert made == {"pairs", "model", "eval"}
     assert {"prompts", "samples", "judgments"} <= reused
+
+
+def test_spin_round_pairs_gold_against_own_greedy_answer(tiny_model, tmp_path):
+    proc = run_cli("iterate", "--rounds", "1", "--no-prefect", "--config", "configs/tiny.yaml",
+                   "--set", f"models.policy={tiny_model}", "--set", f"workspace={tmp_path}",
+                   "--set", "train.method=spin", "--set", "prompts.num_new=0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with _con(tmp_path) as con:
+        gold = con.execute("SELECT count(*) FROM prompts WHERE gold IS NOT NULL").fetchone()[0]
+        greedy = con.execute("SELECT count(*), bool_and(idx = -1 AND temperature = 0) "
+                             "FROM samples WHERE greedy").fetchone()
+        pairs = con.execute("""
+            SELECT count(*), bool_and(p.rule = 'spin' AND p.chosen_id = 'gold:' || p.prompt_id
+                                      AND p.chosen_text = q.gold AND p.rejected_text = s.text)
+            FROM pairs p JOIN prompts q USING (prompt_id)
+            JOIN samples s ON s.sample_id = p.rejected_id AND s.greedy""").fetchone()
+        model = con.execute("SELECT method, train_pairs FROM models JOIN versions "
+                            "USING (version_id) WHERE round = 1").fetchone()
+        new_prompts = con.execute("SELECT row_count FROM versions WHERE kind = 'prompts' "
+                                  "AND round = 1").fetchone()[0]
+    assert greedy == (gold, True)
+    assert pairs[0] == gold and pairs[1]
+    assert model == ("spin", gold)
+    assert new_prompts == 0

@@ -136,7 +136,7 @@ def base_model(ctx: Context) -> str:
     """The base policy as a model version (round 0)."""
     path = ctx.cfg.models.policy
     digest = model_hash(path)
-    params = {"path": path, "content_hash": digest}
+    params = {"content_hash": digest}  # not the path: a moved checkpoint is the same model
     row = pd.DataFrame([{"path": path, "content_hash": digest, "base_version": None,
                          "method": "base", "train_pairs": 0, "metrics": "{}"}])
     return _stage(ctx, "model", 0, params, [], lambda fp: ({"models": row}, {}))
@@ -150,7 +150,8 @@ def generate_prompts(ctx: Context, round_: int, pool: list[str], policy: str) ->
     cfg = ctx.cfg
     gen_path = cfg.models.generator or _model(ctx, policy)["path"]
     params = {"round": round_, "seed": cfg.seed, **vars(cfg.prompts).copy(), **_gen_params(cfg),
-              "generator": gen_path, "generator_hash": model_hash(gen_path)}
+              "generator": cfg.models.generator and "fixed" or policy,
+              "generator_hash": model_hash(gen_path)}
     params["constraint_types"] = list(cfg.prompts.constraint_types)
 
     def compute(fp):

@@ -398,3 +398,17 @@ def test_pair_ids_stable_per_salt() -> None:
         spin_pairs(prompts, g, "salt-1").pair_id)
     assert list(spin_pairs(prompts, g, "salt-1").pair_id) != list(
         spin_pairs(prompts, g, "salt-2").pair_id)
+
+
+def test_equal_verifier_results_prefer_a_finished_answer_as_chosen() -> None:
+    # s_a and s_b both pass, s_c and s_d both fail: a finished answer is chosen, a truncated
+    # one rejected, whatever the sample ids say
+    rows = [smp(sid, "p1") for sid in ("s_a", "s_b", "s_c", "s_d")]
+    rows[0]["finish_reason"] = "length"
+    rows[3]["finish_reason"] = "length"
+    s = samples_df(*rows)
+    j = judgments_df(ver("v_a", "s_a", "p1", True), ver("v_b", "s_b", "p1", True),
+                     ver("v_c", "s_c", "p1", False), ver("v_d", "s_d", "p1", False))
+    p = build_pairs(s, j, cfg(), "salt")
+    assert (p.chosen_id.iloc[0], p.rejected_id.iloc[0]) == ("s_b", "s_d")
+    assert p.rule.iloc[0] == "verifier"

@@ -22,6 +22,7 @@ class Standing:
     verifier: float | None  # pass fraction over the prompt's constraints
     llm: float | None  # mean parsed pointwise score, or consistent pairwise wins
     judgment_ids: tuple[str, ...]
+    finished: bool = True  # ended on its own, not cut at max_new_tokens (last tie-break)
 
 
 def standings(samples: pd.DataFrame, judgments: pd.DataFrame) -> dict[str, list[Standing]]:
@@ -42,7 +43,7 @@ def standings(samples: pd.DataFrame, judgments: pd.DataFrame) -> dict[str, list[
             llm = float(wins.get(s.sample_id, 0))
         out.setdefault(s.prompt_id, []).append(Standing(
             s.sample_id, _num(vmean.get(s.sample_id)), _num(llm),
-            tuple(ids.get(s.sample_id, ()))))
+            tuple(ids.get(s.sample_id, ())), s.finish_reason != "length"))
     return out
 
 
@@ -62,8 +63,11 @@ def consistent_wins(judgments: pd.DataFrame) -> dict[str, int]:
     return wins
 
 
-def _key(s: Standing) -> tuple[float, float]:
-    return (-1.0 if s.verifier is None else s.verifier, -1e9 if s.llm is None else s.llm)
+def _key(s: Standing) -> tuple[float, float, bool]:
+    """Verifier pass fraction first, then the LLM score; among equals a finished answer ranks
+    above one cut off at max_new_tokens."""
+    return (-1.0 if s.verifier is None else s.verifier, -1e9 if s.llm is None else s.llm,
+            s.finished)
 
 
 def best_and_worst(group: list[Standing]) -> tuple[Standing, Standing] | None:

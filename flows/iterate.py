@@ -75,7 +75,7 @@ def round_flow(config: dict, run_id: str, round_: int, pool: list[str], policy: 
     pairs = pairs_task(config, run_id, round_, judgments, samples, prompts)
     model = train_task(config, run_id, round_, pairs, prompts, policy)
     ev = eval_task(config, run_id, round_, model, policy, last_eval)
-    rows = report.summary_rows(_ctx(config, run_id).catalog, upto=round_)
+    rows = report.summary_rows(_ctx(config, run_id).catalog, last_eval=ev)
     create_markdown_artifact(key=f"flywheel-round-{round_}",
                              markdown=f"# flywheel round {round_}\n\n" + report.markdown(rows),
                              description=f"round {round_} summary")
@@ -94,5 +94,6 @@ def iterate_flow(config: dict, rounds: int = 3, run_id: str | None = None,
         res = round_flow(config, ctx.run_id, r, pool, policy, last_eval)
         pool, policy, last_eval = [*pool, res["prompts"]], res["model"], res["eval"]
         results.append(res)
-        report.print_table(report.summary_rows(ctx.catalog, upto=r), f"flywheel · round {r}")
+        report.print_table(report.summary_rows(ctx.catalog, last_eval=res["eval"]),
+                           f"flywheel · round {r}")
     return results

@@ -171,41 +171,64 @@ CREATE OR REPLACE VIEW latest_versions AS
     SELECT * EXCLUDE (rn) FROM (
         SELECT *, row_number() OVER (PARTITION BY kind ORDER BY round DESC, created_at DESC) AS rn
         FROM versions) WHERE rn = 1;
+CREATE OR REPLACE VIEW round_lineage AS
+-- one row per round's eval version, with the versions of that round it rests on
+SELECT e.version_id AS eval_version, e.round, e.run_id, e.created_at,
+       ev.model_version, mo.parents[-1] AS start_model, pa.version_id AS pairs_version,
+       ju.version_id AS judgments_version, sa.version_id AS samples_version,
+       pr.version_id AS prompts_version
+FROM versions e
+JOIN evals ev ON ev.version_id = e.version_id
+JOIN versions mo ON mo.version_id = ev.model_version
+JOIN versions pa ON pa.kind = 'pairs' AND list_contains(mo.parents, pa.version_id)
+JOIN versions ju ON ju.kind = 'judgments' AND list_contains(pa.parents, ju.version_id)
+JOIN versions sa ON sa.kind = 'samples' AND list_contains(pa.parents, sa.version_id)
+JOIN versions pr ON pr.kind = 'prompts' AND pr.round = e.round
+                 AND list_contains(sa.parents, pr.version_id)
+WHERE e.kind = 'eval' AND e.round >= 1;
 CREATE OR REPLACE VIEW round_summary AS
-WITH v AS (SELECT * FROM versions WHERE round >= 1),
-p AS (SELECT v.round, max(v.created_at) AS created_at, sum(v.row_count) AS prompts_added
-      FROM v WHERE kind = 'prompts' GROUP BY v.round),
-s AS (SELECT v.round, count(*) AS samples FROM v JOIN samples USING (version_id)
-      WHERE NOT samples.greedy GROUP BY v.round),
-jp AS (SELECT v.round,
+WITH RECURSIVE chain(eval_version, v) AS (
+    SELECT version_id, version_id FROM versions WHERE kind = 'eval'
+    UNION ALL
+    SELECT c.eval_version, y.version_id FROM chain c
+    JOIN versions x ON x.version_id = c.v
+    JOIN versions y ON y.kind = 'eval' AND list_contains(x.parents, y.version_id)),
+base AS (SELECT c.eval_version, ev.pass_rate AS base_pass_rate FROM chain c
+         JOIN versions v ON v.version_id = c.v AND v.round = 0
+         JOIN evals ev ON ev.version_id = c.v),
+jp AS (SELECT l.eval_version,
               avg(j.score) FILTER (WHERE j.type = 'pointwise' AND j.parsed) AS mean_judge_score,
               count(*) FILTER (WHERE j.type <> 'verifier' AND NOT j.parsed) AS parse_failures,
               count(*) FILTER (WHERE j.type <> 'verifier') AS judge_outputs,
               avg(j.score) FILTER (WHERE j.type = 'verifier') AS verifier_pass_rate
-       FROM v JOIN judgments j USING (version_id) GROUP BY v.round),
-jf AS (SELECT round, avg(CASE WHEN n = 2 AND n_verdicts = 2 AND winners <> 1 THEN 1.0
-                              WHEN n = 2 AND n_verdicts = 2 THEN 0.0 END) AS order_flip_rate,
+       FROM round_lineage l JOIN judgments j ON j.version_id = l.judgments_version
+       GROUP BY l.eval_version),
+cmp AS (SELECT l.eval_version, j.comparison_id, count(*) AS n,
+               count(DISTINCT coalesce(j.winner, 'tie')) AS winners
+        FROM round_lineage l JOIN judgments j ON j.version_id = l.judgments_version
+        WHERE j.type = 'pairwise' AND j.parsed GROUP BY ALL),
+jf AS (SELECT eval_version, avg(CASE WHEN winners > 1 THEN 1.0 ELSE 0.0 END) AS order_flip_rate,
               count(*) AS comparisons
-       FROM (SELECT v.round, j.comparison_id, count(*) AS n, count(j.verdict) AS n_verdicts,
-                    count(DISTINCT coalesce(j.winner, 'tie')) AS winners
-             FROM v JOIN judgments j USING (version_id)
-             WHERE j.type = 'pairwise' AND j.parsed GROUP BY ALL) GROUP BY round),
-pr AS (SELECT v.round, v.row_count AS pairs FROM v WHERE kind = 'pairs'),
-m AS (SELECT v.round, v.version_id AS model_version,
-             TRY_CAST(json_extract(models.metrics, '$.train_loss') AS DOUBLE) AS train_loss
-      FROM v JOIN models USING (version_id)),
-e AS (SELECT v.round, evals.win_rate, evals.ci_low, evals.ci_high, evals.pass_rate
-      FROM v JOIN evals USING (version_id)),
-e0 AS (SELECT evals.pass_rate AS base_pass_rate FROM versions JOIN evals USING (version_id)
-       WHERE versions.round = 0 ORDER BY versions.created_at DESC LIMIT 1)
-SELECT p.round, p.prompts_added, s.samples, jp.mean_judge_score, jp.parse_failures,
-       jp.judge_outputs, jf.order_flip_rate, jf.comparisons, jp.verifier_pass_rate, pr.pairs,
-       m.model_version, m.train_loss, e.win_rate, e.ci_low, e.ci_high,
-       e.pass_rate, e0.base_pass_rate, e.pass_rate - e0.base_pass_rate AS pass_rate_delta
-FROM p LEFT JOIN s USING (round) LEFT JOIN jp USING (round) LEFT JOIN jf USING (round)
-       LEFT JOIN pr USING (round) LEFT JOIN m USING (round) LEFT JOIN e USING (round)
-       CROSS JOIN (SELECT * FROM e0 UNION ALL SELECT NULL WHERE NOT EXISTS (SELECT 1 FROM e0)) e0
-ORDER BY p.round;
+       FROM cmp WHERE n = 2 GROUP BY eval_version)
+SELECT l.round, pv.row_count AS prompts_added,
+       (SELECT count(*) FROM samples s WHERE s.version_id = l.samples_version AND NOT s.greedy)
+           AS samples,
+       jp.mean_judge_score, jp.parse_failures, jp.judge_outputs, jf.order_flip_rate,
+       coalesce(jf.comparisons, 0) AS comparisons, jp.verifier_pass_rate,
+       prv.row_count AS pairs, l.model_version,
+       TRY_CAST(json_extract(m.metrics, '$.train_loss') AS DOUBLE) AS train_loss,
+       ev.win_rate, ev.ci_low, ev.ci_high, ev.pass_rate, base.base_pass_rate,
+       ev.pass_rate - base.base_pass_rate AS pass_rate_delta,
+       l.eval_version, l.run_id, l.created_at
+FROM round_lineage l
+JOIN versions pv ON pv.version_id = l.prompts_version
+JOIN versions prv ON prv.version_id = l.pairs_version
+JOIN evals ev ON ev.version_id = l.eval_version
+JOIN models m ON m.version_id = l.model_version
+LEFT JOIN jp ON jp.eval_version = l.eval_version
+LEFT JOIN jf ON jf.eval_version = l.eval_version
+LEFT JOIN base ON base.eval_version = l.eval_version
+ORDER BY l.created_at;
 """
 
 

@@ -78,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
                         epilog="example:\n  flywheel summary",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     su.add_argument("--catalog", default="data/flywheel.duckdb", help="the DuckDB file")
+    su.add_argument("--eval", help="the lineage ending at this eval version (default: newest)")
 
     co = sub.add_parser("config", help="show the resolved config, or the reference of settings",
                         epilog="example:\n  flywheel config --config configs/demo.yaml\n"
@@ -110,7 +111,7 @@ def cmd_iterate(args) -> int:
 
         pipeline.iterate(cfg, args.rounds, command=command,
                          on_round=lambda ctx, res: report.print_table(
-                             report.summary_rows(ctx.catalog, upto=res.round),
+                             report.summary_rows(ctx.catalog, last_eval=res.eval),
                              f"flywheel · round {res.round}"))
     else:
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -201,7 +202,7 @@ def cmd_summary(args) -> int:
     from flywheel import report
     from flywheel.catalog import Catalog
 
-    report.print_table(report.summary_rows(Catalog(args.catalog)))
+    report.print_table(report.summary_rows(Catalog(args.catalog), last_eval=args.eval))
     return 0
 
 

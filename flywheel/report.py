@@ -25,11 +25,30 @@ COLUMNS = [
 ]
 
 
-def summary_rows(catalog: Catalog, upto: int | None = None) -> list[dict]:
-    """round_summary rows (all rounds, or up to `upto`), with a formatted CI column."""
-    df = catalog.df("SELECT * FROM round_summary ORDER BY round")
-    if upto is not None:
-        df = df[df["round"] <= upto]
+def lineage_evals(catalog: Catalog, last_eval: str | None = None) -> list[str]:
+    """The eval versions of one lineage, newest last: `last_eval` (default: the newest eval)
+    and the evals it was compared against, back to round 1."""
+    if last_eval is None:
+        latest = catalog.df("SELECT version_id FROM versions WHERE kind = 'eval' AND round >= 1 "
+                            "ORDER BY created_at DESC LIMIT 1")
+        if latest.empty:
+            return []
+        last_eval = latest.version_id.iloc[0]
+    chain, current = [], last_eval
+    while current:
+        v = catalog.get(current)
+        if v.round < 1:
+            break
+        chain.append(current)
+        current = next((p for p in v.parents if catalog.get(p).kind == "eval"), None)
+    return chain[::-1]
+
+
+def summary_rows(catalog: Catalog, last_eval: str | None = None) -> list[dict]:
+    """round_summary rows of one lineage (see `lineage_evals`), with a formatted CI column."""
+    evals = lineage_evals(catalog, last_eval)
+    df = catalog.df("SELECT * FROM round_summary WHERE eval_version IN (SELECT unnest(?)) "
+                    "ORDER BY round", [evals])
     rows = []
     for r in df.to_dict("records"):
         lo, hi = r.get("ci_low"), r.get("ci_high")

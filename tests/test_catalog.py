@@ -245,6 +245,32 @@ def pairwise_row(jid: str, cid: str, a: str, b: str, swapped: bool, verdict: str
     return row
 
 
+def commit_lineage(cat: Catalog, judgments: pd.DataFrame, tag: str = "a",
+                   pass_rate: float = 0.5) -> str:
+    """prompts -> samples -> judgments -> pairs -> model -> eval for round 1 (and a round-0
+    eval of the base model); returns the round-1 eval version id."""
+    def commit(kind, rnd, parents, tables=None, n=None):
+        return cat.commit(kind=kind, run_id="r", round=rnd, parents=parents, params={},
+                          fp=(kind[:2] + str(rnd) + tag) * 5, tables=tables or {},
+                          row_count=n).version_id
+
+    base = commit("model", 0, [], {"models": pd.DataFrame([{
+        "path": "m0", "content_hash": "h0", "method": "base", "metrics": "{}"}])})
+    ev0 = commit("eval", 0, [base], {"evals": pd.DataFrame([{
+        "model_version": base, "n_prompts": 4, "pass_rate": 0.25, "pass_by_type": "{}"}])})
+    prompts = commit_prompts(cat, (tag * 20)[:20], f"A round one prompt {tag}.", round_=1)
+    samples = commit("samples", 1, [prompts.version_id, base], n=0)
+    judged = commit("judgments", 1, [samples, prompts.version_id, base],
+                    {"judgments": judgments})
+    pairs = commit("pairs", 1, [judged, samples, prompts.version_id], n=3)
+    model = commit("model", 1, [pairs, prompts.version_id, base], {"models": pd.DataFrame([{
+        "path": "m1", "content_hash": "h1" + tag, "method": "dpo",
+        "metrics": json.dumps({"train_loss": 0.6})}])})
+    return commit("eval", 1, [model, base, ev0], {"evals": pd.DataFrame([{
+        "model_version": model, "baseline_version": base, "n_prompts": 4, "win_rate": 0.5,
+        "pass_rate": pass_rate, "pass_by_type": "{}"}])})
+
+
 def test_round_summary_order_flip_rate(cat: Catalog) -> None:
     commit_prompts(cat, "a" * 20, "A round one prompt.", round_=1)
     rows = [
@@ -255,9 +281,7 @@ def test_round_summary_order_flip_rate(cat: Catalog) -> None:
         pairwise_row("j3", "c_2", "s_1", "s_3", False, "A"),
         pairwise_row("j4", "c_2", "s_3", "s_1", True, "A"),
     ]
-    df = pd.DataFrame(rows, columns=JUDGMENT_COLUMNS)
-    cat.commit(kind="judgments", run_id="r", round=1, parents=[], params={}, fp="j" * 20,
-               tables={"judgments": df})
+    commit_lineage(cat, pd.DataFrame(rows, columns=JUDGMENT_COLUMNS))
     summary = cat.df("SELECT * FROM round_summary")
     assert list(summary["round"]) == [1]
     row = summary.iloc[0]
@@ -265,15 +289,34 @@ def test_round_summary_order_flip_rate(cat: Catalog) -> None:
     assert row.comparisons == 2
     assert row.judge_outputs == 4
     assert row.parse_failures == 0
-    assert row.prompts_added == 1
+    assert row.prompts_added == 1 and row.pairs == 3 and row.train_loss == 0.6
+    assert row.pass_rate == 0.5 and row.base_pass_rate == 0.25 and row.pass_rate_delta == 0.25
 
 
 def test_round_summary_without_flips_or_ties(cat: Catalog) -> None:
     commit_prompts(cat, "a" * 20, "A round one prompt.", round_=1)
     rows = [pairwise_row("j1", "c_1", "s_1", "s_2", False, "C"),
             pairwise_row("j2", "c_1", "s_2", "s_1", True, "C")]
-    cat.commit(kind="judgments", run_id="r", round=1, parents=[], params={}, fp="j" * 20,
-               tables={"judgments": pd.DataFrame(rows, columns=JUDGMENT_COLUMNS)})
+    commit_lineage(cat, pd.DataFrame(rows, columns=JUDGMENT_COLUMNS))
     row = cat.df("SELECT * FROM round_summary").iloc[0]
     assert row.order_flip_rate == 0.0  # a tie in both orders is consistent
     assert row.comparisons == 1
+
+
+def test_round_summary_keeps_lineages_apart(cat: Catalog) -> None:
+    from flywheel.report import lineage_evals, summary_rows
+
+    a = commit_lineage(cat, pd.DataFrame([pairwise_row("j1", "c_1", "s_1", "s_2", False, "A"),
+                                          pairwise_row("j2", "c_1", "s_2", "s_1", True, "A")],
+                                         columns=JUDGMENT_COLUMNS), tag="a", pass_rate=0.5)
+    b = commit_lineage(cat, pd.DataFrame([pairwise_row("k1", "c_9", "s_1", "s_2", False, "A"),
+                                          pairwise_row("k2", "c_9", "s_2", "s_1", True, "B")],
+                                         columns=JUDGMENT_COLUMNS), tag="b", pass_rate=0.75)
+    summary = cat.df("SELECT eval_version, order_flip_rate, pass_rate FROM round_summary "
+                     "ORDER BY eval_version")
+    assert summary.to_dict("records") == [
+        {"eval_version": a, "order_flip_rate": 1.0, "pass_rate": 0.5},
+        {"eval_version": b, "order_flip_rate": 0.0, "pass_rate": 0.75}]
+    assert lineage_evals(cat, a) == [a]
+    assert [r["pass_rate"] for r in summary_rows(cat, a)] == [0.5]
+    assert [r["pass_rate"] for r in summary_rows(cat)] == [0.75]  # the newest lineage

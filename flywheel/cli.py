@@ -87,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     _config_args(co)
     co.add_argument("--reference", action="store_true",
                     help="list every setting with type, default and meaning")
+    from flywheel import cli_data, cli_inspect
+
+    for module in (cli_inspect, cli_data):
+        COMMANDS.update(module.register(sub))
     return p
 
 

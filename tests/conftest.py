@@ -42,3 +42,16 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 900, env: dict | None =
     full_env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     return subprocess.run([sys.executable, "-m", "flywheel.cli", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+@pytest.fixture(scope="session")
+def tiny_catalog(tiny_model, tmp_path_factory) -> Path:
+    """A catalog made by two real rounds of the tiny model (no Prefect): copy it before
+    writing to it."""
+    ws = tmp_path_factory.mktemp("tiny-ws")
+    proc = run_cli("iterate", "--rounds", "2", "--no-prefect", "--config", "configs/tiny.yaml",
+                   "--set", f"models.policy={tiny_model}", "--set", f"workspace={ws}",
+                   "--set", "judge.verdict=logprobs", "--set", "pairs.min_margin=0",
+                   "--set", "pairs.require_agreement=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return ws / "flywheel.duckdb"

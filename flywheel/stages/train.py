@@ -42,6 +42,29 @@ def _metrics(history: list[dict]) -> dict:
             "losses": [h["loss"] for h in logs], **pick}
 
 
+def _progress_callback(enabled: bool):
+    """A quiet progress bar for training: steps, with the last loss as postfix."""
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class Bar(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            self.bar = tqdm(total=state.max_steps, desc="train", unit="step",
+                            disable=not enabled, leave=False)
+
+        def on_step_end(self, args, state, control, **kw):
+            self.bar.update(1)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.bar.set_postfix(loss=f"{float(logs['loss']):.3f}")
+
+        def on_train_end(self, args, state, control, **kw):
+            self.bar.close()
+
+    return Bar()
+
+
 def train_lora(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str], cfg,
                out_dir: str | Path, *, seed: int, device: str = "cpu",
                progress: bool = True) -> dict:
@@ -69,7 +92,7 @@ def train_lora(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
         warmup_steps=int(cfg.warmup_ratio * steps_per_epoch * cfg.epochs),
         loss_type=list(cfg.loss_type), max_length=cfg.max_length, bf16=False,
         gradient_checkpointing=False, use_cpu=use_cpu, report_to="none", save_strategy="no",
-        logging_steps=1, seed=seed, disable_tqdm=not progress, dataloader_num_workers=0,
+        logging_steps=1, seed=seed, disable_tqdm=True, dataloader_num_workers=0,
         lr_scheduler_type="constant" if steps_per_epoch * cfg.epochs < 10 else "linear")
     peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                              lora_dropout=cfg.lora_dropout,
@@ -77,6 +100,10 @@ def train_lora(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
     trainer = DPOTrainer(model=model, args=args, processing_class=tok,
                          train_dataset=preference_dataset(pairs, prompt_text),
                          peft_config=peft_config)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # no log dicts on stdout: the bar shows the loss
+    trainer.add_callback(_progress_callback(progress))
     trainer.train()
     metrics = _metrics(trainer.state.log_history)
     merged = trainer.model.merge_and_unload()

@@ -89,7 +89,7 @@ def iterate_flow(config: dict, rounds: int = 3, run_id: str | None = None,
     """Rounds 1..`rounds`; each starts from the model the round before made."""
     ctx = pipeline.start(config_from_dict(config), run_id, command)
     seeds, policy, last_eval = round_zero_task(config, ctx.run_id)
-    pool, results = [seeds], []
+    pool, results = [seeds, *pipeline.ingested_prompts(ctx)], []
     for r in range(1, rounds + 1):
         res = round_flow(config, ctx.run_id, r, pool, policy, last_eval)
         pool, policy, last_eval = [*pool, res["prompts"]], res["model"], res["eval"]

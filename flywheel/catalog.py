@@ -229,6 +229,76 @@ LEFT JOIN jp ON jp.eval_version = l.eval_version
 LEFT JOIN jf ON jf.eval_version = l.eval_version
 LEFT JOIN base ON base.eval_version = l.eval_version
 ORDER BY l.created_at;
+CREATE OR REPLACE VIEW judge_stats AS
+-- per round and judge: parse failures, order flips, ties, score histogram, length bias
+WITH j AS (SELECT v.round, j.* FROM judgments j JOIN versions v USING (version_id)),
+slen AS (SELECT sample_id, any_value(length(text)) AS chars FROM samples GROUP BY sample_id),
+cmp AS (SELECT round, judge, comparison_id, count(*) AS n,
+               count(DISTINCT coalesce(winner, 'tie')) AS winners
+        FROM j WHERE type = 'pairwise' AND parsed GROUP BY ALL),
+flips AS (SELECT round, judge, avg(CASE WHEN winners > 1 THEN 1.0 ELSE 0.0 END) AS flip_rate,
+                 count(*) AS comparisons
+          FROM cmp WHERE n = 2 GROUP BY ALL),
+plen AS (SELECT v.round, avg(length(p.chosen_text)) AS chosen_chars,
+                avg(length(p.rejected_text)) AS rejected_chars, count(*) AS pairs
+         FROM pairs p JOIN versions v USING (version_id) GROUP BY v.round),
+agg AS (SELECT j.round, j.judge, list(DISTINCT j.type ORDER BY j.type) AS types,
+               count(*) AS judgments,
+               avg(CASE WHEN j.parsed THEN 0.0 ELSE 1.0 END) AS parse_failure_rate,
+               avg(CASE WHEN j.winner IS NULL THEN 1.0 ELSE 0.0 END)
+                   FILTER (WHERE j.type = 'pairwise' AND j.parsed) AS tie_rate,
+               avg(j.score) FILTER (WHERE j.parsed AND j.score IS NOT NULL) AS mean_score,
+               to_json(histogram(CAST(round(j.score) AS INTEGER))
+                   FILTER (WHERE j.parsed AND j.score IS NOT NULL)) AS score_histogram,
+               corr(j.score, slen.chars)
+                   FILTER (WHERE j.type = 'pointwise' AND j.parsed) AS score_length_corr
+        FROM j LEFT JOIN slen ON slen.sample_id = j.sample_id
+        GROUP BY j.round, j.judge)
+SELECT agg.round, agg.judge, agg.types, agg.judgments, agg.parse_failure_rate,
+       flips.flip_rate AS order_flip_rate, coalesce(flips.comparisons, 0) AS comparisons,
+       agg.tie_rate, agg.mean_score, agg.score_histogram, agg.score_length_corr,
+       plen.pairs, plen.chosen_chars AS mean_chosen_chars,
+       plen.rejected_chars AS mean_rejected_chars
+FROM agg
+LEFT JOIN flips ON flips.round = agg.round AND flips.judge = agg.judge
+LEFT JOIN plen ON plen.round = agg.round
+ORDER BY agg.round, agg.judge;
+CREATE OR REPLACE VIEW pair_lineage AS
+-- one row per pair (per model trained on it): its prompt, both texts, the judgments of both
+-- samples and the model version trained on the pair's version
+WITH q AS (SELECT prompt_id, any_value(text) AS text, any_value(examples) AS examples
+           FROM prompts GROUP BY prompt_id)
+SELECT p.version_id AS pairs_version, v.round, p.pair_id, p.prompt_id, q.text AS prompt_text,
+       q.examples AS example_prompt_ids, p.rule, p.margin, p.chosen_id, p.chosen_text,
+       p.rejected_id, p.rejected_text, p.judgment_ids AS pair_judgment_ids,
+       (SELECT list(j.judgment_id ORDER BY j.judgment_id) FROM judgments j
+        WHERE j.sample_id IN (p.chosen_id, p.rejected_id)
+           OR j.sample_a IN (p.chosen_id, p.rejected_id)
+           OR j.sample_b IN (p.chosen_id, p.rejected_id)) AS sample_judgment_ids,
+       mv.version_id AS model_version
+FROM pairs p
+JOIN versions v ON v.version_id = p.version_id
+LEFT JOIN q ON q.prompt_id = p.prompt_id
+LEFT JOIN versions mv ON mv.kind = 'model' AND list_contains(mv.parents, p.version_id);
+CREATE OR REPLACE VIEW model_lineage AS
+-- each model version: its start model, the pairs it was trained on and the judgments, samples
+-- and prompts versions those rest on (round_lineage's columns), and its eval if any
+SELECT mo.version_id AS model_version, mo.round, mo.run_id, m.method, m.train_pairs,
+       CASE WHEN pa.version_id IS NULL THEN NULL ELSE mo.parents[-1] END AS start_model,
+       pa.version_id AS pairs_version, ju.version_id AS judgments_version,
+       sa.version_id AS samples_version, pr.version_id AS prompts_version,
+       (SELECT any_value(l.eval_version) FROM round_lineage l
+        WHERE l.model_version = mo.version_id) AS eval_version,
+       m.path, mo.created_at
+FROM versions mo
+JOIN models m ON m.version_id = mo.version_id
+LEFT JOIN versions pa ON pa.kind = 'pairs' AND list_contains(mo.parents, pa.version_id)
+LEFT JOIN versions ju ON ju.kind = 'judgments' AND list_contains(pa.parents, ju.version_id)
+LEFT JOIN versions sa ON sa.kind = 'samples' AND list_contains(pa.parents, sa.version_id)
+LEFT JOIN versions pr ON pr.kind = 'prompts' AND pr.round = mo.round
+                      AND list_contains(sa.parents, pr.version_id)
+WHERE mo.kind = 'model'
+ORDER BY mo.round, mo.created_at;
 """
 
 

@@ -398,12 +398,19 @@ def run_round(ctx: Context, round_: int, pool: list[str], policy: str,
     return RoundResult(round_, new, samples, judgments, pairs, model, ev)
 
 
+def ingested_prompts(ctx: Context) -> list[str]:
+    """Every prompts version `flywheel ingest` made, oldest first: the pool after the seeds."""
+    df = ctx.catalog.df("SELECT version_id FROM versions WHERE kind = 'prompts' "
+                        "AND params->>'source' = 'ingest' ORDER BY created_at")
+    return list(df.version_id)
+
+
 def iterate(cfg: Config, rounds: int, *, run_id: str | None = None, command: str = "",
             on_round: Callable[[Context, RoundResult], None] | None = None) -> list[RoundResult]:
     """Rounds 1..`rounds`, each starting from the model the round before made."""
     ctx = start(cfg, run_id, command)
     seeds, policy, last_eval = round_zero(ctx)
-    pool, results = [seeds], []
+    pool, results = [seeds, *ingested_prompts(ctx)], []
     for r in range(1, rounds + 1):
         res = run_round(ctx, r, pool, policy, last_eval)
         pool, policy, last_eval = [*pool, res.prompts], res.model, res.eval

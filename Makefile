@@ -31,6 +31,9 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+bench: setup
+	$(BIN)/python bench/catalog.py
+
 lint: setup
 	$(BIN)/ruff check flywheel flows tests
 

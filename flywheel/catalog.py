@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -346,13 +347,18 @@ class Version:
 class Catalog:
     """All persistence: open, commit a version atomically, look versions up, read rows."""
 
-    def __init__(self, path: str | Path, *, lock_timeout: float = 30.0):
+    def __init__(self, path: str | Path, *, lock_timeout: float = 30.0,
+                 read_timeout: float = 10.0):
         self.path = Path(path)
-        self.lock_timeout = lock_timeout
+        self.lock_timeout = lock_timeout  # how long a writer waits for the file lock
+        self.read_timeout = min(read_timeout, lock_timeout)  # ... and a reader
 
     # -- connections ---------------------------------------------------------------------
     def _connect(self, read_only: bool) -> duckdb.DuckDBPyConnection:
-        deadline = time.monotonic() + self.lock_timeout
+        """Open the file, retrying while another process holds DuckDB's lock on it (writers
+        hold it only for one commit) for up to read_timeout (readers) / lock_timeout
+        (writers) seconds."""
+        deadline = time.monotonic() + (self.read_timeout if read_only else self.lock_timeout)
         while True:
             try:
                 return duckdb.connect(str(self.path), read_only=read_only)
@@ -360,7 +366,7 @@ class Catalog:
                 if "lock" not in str(exc).lower() or time.monotonic() > deadline:
                     raise FlywheelError(
                         f"cannot open the catalog {self.path}: {exc}",
-                        details=["another flywheel process is writing it; retry when it finishes"],
+                        details=_lock_advice(str(exc), self.path),
                     ) from exc
                 time.sleep(0.2)
 
@@ -500,6 +506,20 @@ class Catalog:
         return self.df(
             f"SELECT * FROM {TABLES[kind]} WHERE version_id IN (SELECT unnest(?))", [ids]
         )
+
+
+def _lock_advice(message: str, path: Path) -> list[str]:
+    """What to do when the file stays locked: name the process holding it (DuckDB's message
+    says `... is held in <program> (PID <n>)`)."""
+    if "lock" not in message.lower():
+        return []
+    pid = re.search(r"\(PID (\d+)\)", message)
+    holder = f"process {pid.group(1)}" if pid else "another process"
+    return [f"{holder} holds the lock on {path} (a running `flywheel iterate` holds it for "
+            "each commit; any other program holds it while it has the file open)",
+            "retry in a moment; if it stays locked, close the program holding it"
+            + (f" (see `ps -p {pid.group(1)}`)" if pid else "")
+            + ", or copy the file and query the copy with --catalog"]
 
 
 def new_run_id() -> str:

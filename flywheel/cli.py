@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -56,15 +57,18 @@ def _parser() -> argparse.ArgumentParser:
 
     sq = sub.add_parser(
         "sql", help="run a read-only SQL query on the catalog",
-        description="Run one read-only SQL query against the catalog (opened read-only).",
+        description="Run a read-only SQL query against the catalog (opened read-only). Only "
+                    "reads run: SELECT, WITH ... SELECT, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN; "
+                    "any other statement is refused before the file is opened.",
         epilog='example:\n  flywheel sql "SELECT * FROM round_summary"\n'
-               '  flywheel sql "SELECT * FROM versions WHERE kind = $k" -p k pairs',
+               '  flywheel sql "SELECT * FROM versions WHERE kind = $k" -p k pairs --csv\n'
+               '  echo "SELECT count(*) FROM pairs" | flywheel sql -',
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sq.add_argument("query", help="the SQL, or - to read it from stdin")
     sq.add_argument("-p", "--param", nargs=2, action="append", default=[],
                     metavar=("NAME", "VALUE"), help="a named parameter ($NAME in the query)")
     sq.add_argument("--catalog", default="data/flywheel.duckdb", help="the DuckDB file")
-    sq.add_argument("--json", action="store_true", help="print JSON records")
+    _output_args(sq)
 
     ve = sub.add_parser("versions", help="list the dataset versions in the catalog",
                         epilog="example:\n  flywheel versions --kind pairs",
@@ -73,12 +77,14 @@ def _parser() -> argparse.ArgumentParser:
                                    "eval)")
     ve.add_argument("--round", type=int, help="only this round")
     ve.add_argument("--catalog", default="data/flywheel.duckdb", help="the DuckDB file")
+    _output_args(ve)
 
     su = sub.add_parser("summary", help="the per-round summary table",
                         epilog="example:\n  flywheel summary",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     su.add_argument("--catalog", default="data/flywheel.duckdb", help="the DuckDB file")
     su.add_argument("--eval", help="the lineage ending at this eval version (default: newest)")
+    _output_args(su)
 
     co = sub.add_parser("config", help="show the resolved config, or the reference of settings",
                         epilog="example:\n  flywheel config --config configs/demo.yaml\n"
@@ -92,6 +98,17 @@ def _parser() -> argparse.ArgumentParser:
     for module in (cli_inspect, cli_data):
         COMMANDS.update(module.register(sub))
     return p
+
+
+def _output_args(p: argparse.ArgumentParser) -> None:
+    """--json | --nl | --csv (default: a table), as in show / lineage / diff."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--json", dest="fmt", action="store_const", const="json",
+                   help="print a JSON list of records")
+    g.add_argument("--nl", dest="fmt", action="store_const", const="nl",
+                   help="print newline-delimited JSON (one record per line)")
+    g.add_argument("--csv", dest="fmt", action="store_const", const="csv", help="print CSV")
+    p.set_defaults(fmt="table")
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -139,17 +156,6 @@ def cmd_setup_model(args) -> int:
     return 0
 
 
-def _print_df(df, as_json: bool) -> None:
-    if as_json:
-        print(df.to_json(orient="records", date_format="iso", indent=1))
-        return
-    import pandas as pd
-
-    with pd.option_context("display.max_rows", 200, "display.max_columns", 50,
-                           "display.width", 200, "display.max_colwidth", 60):
-        print(df.to_string(index=False) if len(df) else "(no rows)")
-
-
 def cmd_sql(args) -> int:
     from flywheel.catalog import Catalog
 
@@ -161,20 +167,64 @@ def cmd_sql(args) -> int:
             df = con.execute(query, params).df() if params else con.execute(query).df()
         except Exception as exc:  # duckdb errors: show them plainly
             raise FlywheelError(f"query failed: {exc}") from exc
-    _print_df(df, args.json)
+    from flywheel.cli_inspect import print_frame
+
+    print_frame(df, args.fmt)
     return 0
 
 
-_WRITES = ("insert", "update", "delete", "drop", "create", "alter", "attach", "detach", "copy",
-           "install", "load", "pragma", "set", "checkpoint", "vacuum", "export", "import")
+#: The statement types `flywheel sql` runs: SELECT (also WITH ..., FROM ..., DESCRIBE, SHOW and
+#: SUMMARIZE, which DuckDB parses as SELECT) and EXPLAIN of one of those. Everything else
+#: (INSERT, UPDATE, DELETE, CREATE, DROP, ALTER, ATTACH, DETACH, COPY in any form, EXPORT,
+#: IMPORT, SET, INSTALL, LOAD, PRAGMA, CALL / CHECKPOINT, VACUUM, ...) is refused before the
+#: catalog is opened, in whichever statement of a multi-statement string it appears.
+_READ_TYPES = ("SELECT", "EXPLAIN")
+
+
+def _statement_kind(stmt) -> str:
+    """A readable name of one statement: its type, and its leading keyword where that differs
+    (`CHECKPOINT (CALL)`, `INSTALL (LOAD)`)."""
+    kind = stmt.type.name
+    words = re.findall(r"[A-Za-z_]+", re.sub(r"\([^()]*\)", " ", stmt.query))
+    lead = next((w.upper() for w in words if w.upper() not in ("WITH", "RECURSIVE")), kind)
+    return kind if lead == kind or kind in ("INSERT", "UPDATE", "DELETE", "MERGE_INTO") \
+        else f"{lead} ({kind})"
 
 
 def _refuse_writes(query: str) -> None:
-    first = query.strip().split(None, 1)[0].lower() if query.strip() else ""
-    if first in _WRITES:
-        raise FlywheelError(f"flywheel sql is read-only: {first.upper()} is not allowed",
-                            details=["the catalog is written only by flywheel's stages; "
-                                     "query it with SELECT / WITH / DESCRIBE / SHOW"])
+    """Refuse any statement that is not a read (see _READ_TYPES): the catalog stays unchanged
+    and no file is written."""
+    import duckdb
+
+    if not query.strip():
+        raise FlywheelError("empty query", details=["give one SELECT statement"])
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as exc:
+        raise FlywheelError(f"query failed: {exc}") from exc
+    for stmt in statements:
+        kind = stmt.type.name
+        if kind == "EXPLAIN":
+            inner = re.sub(r"^\s*EXPLAIN\s+(ANALY[SZ]E\s+)?", "", stmt.query, flags=re.I)
+            try:
+                inner_stmts = duckdb.extract_statements(inner)
+            except duckdb.Error:
+                inner_stmts = []
+            bad = [s for s in inner_stmts if s.type.name not in _READ_TYPES]
+            if not bad:
+                continue
+            stmt, kind = bad[0], f"EXPLAIN {_statement_kind(bad[0])}"
+        elif kind in _READ_TYPES:
+            continue
+        else:
+            kind = _statement_kind(stmt)
+        raise FlywheelError(
+            f"flywheel sql is read-only: {kind} is not allowed; the catalog is opened "
+            f"read-only, use SELECT",
+            details=[f"refused: {stmt.query.strip().rstrip(';')[:120]}",
+                     "the catalog is written only by flywheel's stages; query it with SELECT "
+                     "(or WITH ... SELECT, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN SELECT)",
+                     "nothing was run and nothing was written"])
 
 
 def _param_value(text: str):
@@ -186,8 +236,52 @@ def _param_value(text: str):
     return text
 
 
+#: The few params that tell versions of one kind apart, shown by `flywheel versions` as
+#: `key_params` (e.g. `n=4 temperature=1.0`): prompts: how many were generated and from how
+#: many examples (or the file they were read from); samples: samples per prompt and the
+#: sampling settings; judgments: judge mode, how the verdict is read, and the judge model;
+#: pairs: the objective, the margin and the rules that kept pairs; model: the objective and
+#: the LoRA / optimiser settings (round 0: the path of the base model); eval: the judge and
+#: the number of held-out prompts. Params missing from a version are left out.
+KEY_PARAMS = {
+    "prompts": ("num_new", "few_shot", "records", "seed_file"),
+    "samples": ("n", "temperature", "top_p", "max_new_tokens"),
+    "judgments": ("mode", "verdict", "judge"),
+    "pairs": ("method", "min_margin", "rules"),
+    "model": ("method", "beta", "lora_r", "learning_rate", "epochs", "path"),
+    "eval": ("judge", "max_prompts"),
+}
+
+
+def key_params(kind: str, params) -> str:
+    """A one-line summary of a version's params: `key=value` for the KEY_PARAMS of its kind."""
+    import json
+
+    if isinstance(params, str):
+        try:
+            params = json.loads(params)
+        except ValueError:
+            return ""
+    if not isinstance(params, dict):
+        return ""
+    parts = []
+    for key in KEY_PARAMS.get(kind, ()):
+        if key not in params or params[key] is None:
+            continue
+        value = params[key]
+        if isinstance(value, dict):
+            value = ",".join(f"{k}:{v}" for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        elif isinstance(value, str) and "/" in value:
+            value = value.rstrip("/").rsplit("/", 1)[-1]
+        parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
 def cmd_versions(args) -> int:
     from flywheel.catalog import Catalog
+    from flywheel.cli_inspect import print_frame
 
     where, params = [], []
     if args.kind:
@@ -196,9 +290,11 @@ def cmd_versions(args) -> int:
     if args.round is not None:
         where.append("round = ?")
         params.append(args.round)
-    sql = ("SELECT version_id, kind, round, row_count, parents, created_at FROM versions "
+    sql = ("SELECT version_id, kind, round, parents, row_count, created_at, params FROM versions "
            + ("WHERE " + " AND ".join(where) if where else "") + " ORDER BY round, created_at")
-    _print_df(Catalog(args.catalog).df(sql, params), False)
+    df = Catalog(args.catalog).df(sql, params)
+    df["key_params"] = [key_params(k, p) for k, p in zip(df["kind"], df["params"])]
+    print_frame(df.drop(columns=["params"]), args.fmt)
     return 0
 
 
@@ -206,7 +302,18 @@ def cmd_summary(args) -> int:
     from flywheel import report
     from flywheel.catalog import Catalog
 
-    report.print_table(report.summary_rows(Catalog(args.catalog), last_eval=args.eval))
+    rows = report.summary_rows(Catalog(args.catalog), last_eval=args.eval)
+    if args.fmt == "table":
+        report.print_table(rows)
+        return 0
+    import pandas as pd
+
+    from flywheel.cli_inspect import print_frame
+
+    # the machine formats: the round_summary columns as they are (ci_low / ci_high, not the
+    # formatted `ci`), on stdout
+    df = pd.DataFrame(rows)
+    print_frame(df.drop(columns=["ci"], errors="ignore"), args.fmt)
     return 0
 
 

@@ -1,0 +1,31 @@
+"""Smoke test of the catalog benchmark (bench/catalog.py) at a tiny scale."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+
+from tests.conftest import ROOT
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("flywheel_bench", ROOT / "bench" / "catalog.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_prints_all_four_measurements(tmp_path):
+    bench = _bench()
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert bench.main(["--scale", "0.001", "--rounds", "2", "--repeats", "1",
+                           "--out", str(tmp_path)]) == 0
+    out = buf.getvalue()
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| measurement | value | target | met? |")
+    for name in ("bulk ingest", "`flywheel versions`", "one pair's lineage",
+                 "round_summary"):
+        assert any(name in line for line in table[1:]), name
+    assert "round_summary` (2 rows)" in out  # one row per round

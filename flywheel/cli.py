@@ -101,14 +101,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _output_args(p: argparse.ArgumentParser) -> None:
-    """--json | --nl | --csv (default: a table), as in show / lineage / diff."""
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--json", dest="fmt", action="store_const", const="json",
-                   help="print a JSON list of records")
-    g.add_argument("--nl", dest="fmt", action="store_const", const="nl",
-                   help="print newline-delimited JSON (one record per line)")
-    g.add_argument("--csv", dest="fmt", action="store_const", const="csv", help="print CSV")
-    p.set_defaults(fmt="table")
+    """--json | --nl | --csv (default: a table): the options every read command shares."""
+    from flywheel.cli_inspect import add_output_args
+
+    add_output_args(p, sections=False)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:

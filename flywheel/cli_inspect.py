@@ -183,15 +183,19 @@ def _quiet_pipe(fn):
 
 
 # -- arguments ----------------------------------------------------------------------------
-def add_output_args(p: argparse.ArgumentParser) -> None:
-    """The shared output options of read commands: --json | --nl | --csv (default: table)."""
+def add_output_args(p: argparse.ArgumentParser, *, sections: bool = True) -> None:
+    """The shared output options of read commands: --json | --nl | --csv (default: table).
+    `sections`: the command prints several sections (show, lineage, diff), not one table."""
     g = p.add_mutually_exclusive_group()
     g.add_argument("--json", dest="fmt", action="store_const", const="json",
-                   help="print JSON (one object of sections)")
+                   help="print JSON (one object of sections)" if sections
+                   else "print a JSON list of records")
     g.add_argument("--nl", dest="fmt", action="store_const", const="nl",
-                   help="print newline-delimited JSON (one row per line, with its section)")
+                   help="print newline-delimited JSON (one row per line"
+                        + (", with its section)" if sections else ")"))
     g.add_argument("--csv", dest="fmt", action="store_const", const="csv",
-                   help="print CSV (one table, a `section` column first)")
+                   help="print CSV (one table, a `section` column first)" if sections
+                   else "print CSV")
     p.set_defaults(fmt="table")
 
 

@@ -12,8 +12,8 @@ generated vectorised with numpy / pyarrow. Then it prints a markdown table:
 - bulk ingest rows/s: all rows / the summed wall time of the `Catalog.commit` calls,
 - `flywheel versions`: in-process via `flywheel.cli.main` (stdout captured) and as a subprocess
   (interpreter start included),
-- one pair's lineage: `flywheel lineage <pair_id>` in-process, and the single SQL query on the
-  `pair_lineage` view for that pair,
+- one pair's lineage: `flywheel lineage <pair_id>` in-process (its default example depth, and
+  `--depth all`), and the single SQL query on the `pair_lineage` view for that pair,
 - `SELECT * FROM round_summary`.
 
 Timings are the median of 5 runs after one warm-up. Where a target is missed, the component
@@ -305,6 +305,7 @@ class Builder:
         self.rows = 0
         self.seconds = 0.0
         self.commits = 0
+        self.by_kind: dict[str, list] = {}  # kind -> [commits, rows, seconds]
 
     def commit(self, kind: str, rnd: int, parents: list[str], tables: dict) -> str:
         params = {"round": rnd, "bench": True}
@@ -313,9 +314,12 @@ class Builder:
         t0 = time.perf_counter()
         v = self.cat.commit(kind=kind, run_id=self.run_id, round=rnd, parents=parents,
                             params=params, fp=fp, tables=tables)
-        self.seconds += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.seconds += dt
         self.rows += n + 1  # + its `versions` row
         self.commits += 1
+        k = self.by_kind.setdefault(kind, [0, 0, 0.0])
+        k[0], k[1], k[2] = k[0] + 1, k[1] + n + 1, k[2] + dt
         self.fps[v.version_id] = v.fingerprint
         return v.version_id
 
@@ -364,6 +368,7 @@ def build(path: Path, scale: float = 1.0, rounds: int = 10, seed: int = 0,
         log(f"round {rnd:>2}: {sum(len(d) for d in (prompts, samples, judgments, pairs)):,} "
             f"rows in {time.perf_counter() - t0:.1f}s (commits so far {b.seconds:.1f}s)")
     return {"path": path, "rows": b.rows, "commit_s": b.seconds, "commits": b.commits,
+            "by_kind": b.by_kind,
             "build_s": time.perf_counter() - t_start, "counts": counts, "pair_id": pair_id,
             "first_pair_id": first_pair_id}
 
@@ -386,7 +391,7 @@ def cli(argv: list[str]) -> str:
     from flywheel.cli import main
 
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
         rc = main(argv)
     if rc != 0:
         raise RuntimeError(f"flywheel {' '.join(argv)} exited {rc}")
@@ -425,6 +430,11 @@ def measure(info: dict, repeats: int = 5) -> list[dict]:
     rows.append({"name": "one pair's lineage: `flywheel lineage <pair_id>` (in-process)",
                  "value": f"{t * 1e3:.1f} ms", "target": "≤ 50 ms", "key": "lineage",
                  "measured": t})
+    argv = ["lineage", pid, "--depth", "all", "--catalog", path]
+    t = timed(lambda: cli(argv), max(repeats // 2, 1))
+    rows.append({"name": "the same with every example level (`--depth all`, "
+                         f"{cli(argv).count(chr(10)):,} lines)",
+                 "value": f"{t * 1e3:.1f} ms", "target": "—", "key": None, "measured": t})
     q = "SELECT * FROM pair_lineage WHERE pair_id = ?"
     assert len(sql(info["path"], q, [pid])) >= 1
     t = timed(lambda: sql(info["path"], q, [pid]), repeats)
@@ -461,49 +471,98 @@ def render(rows: list[dict]) -> str:
 
 
 # -- investigating a miss ------------------------------------------------------------------
-def lineage_breakdown(path: Path, pair_id: str, repeats: int = 3) -> list[tuple[str, float]]:
-    """Time the queries `flywheel lineage <pair_id>` runs, one by one (cli_inspect)."""
+def lineage_breakdown(path: Path, pair_id: str, repeats: int = 3
+                      ) -> list[tuple[str, float, float]]:
+    """Time what `flywheel lineage <pair_id>` does, step by step (cli_inspect): each query as
+    the first one on a fresh read-only connection (as the CLI runs them: index and column
+    blocks are read and decompressed on first use) and again on a warm one; and the fixed
+    costs around them (open, close, argparse, printing). Rows: (name, fresh s, warm s)."""
     from flywheel import cli_inspect as ci
+    from flywheel.cli import _parser
 
     cat = Catalog(path)
-    out = []
     with cat.read() as con:
-        pairs = con.execute("SELECT * FROM pairs WHERE pair_id = ?", [pair_id]).df()
-        pr = pairs.iloc[0]
-        prompt_ids = [pr["prompt_id"]]
+        pr = con.execute("SELECT * FROM pairs WHERE pair_id = ?", [pair_id]).df().iloc[0]
         sample_ids = [pr["chosen_id"], pr["rejected_id"]]
         judgment_ids = list(pr["judgment_ids"])
-        steps = {
-            "versions lookup by id": lambda: con.execute(
-                "SELECT * FROM versions WHERE version_id = ?", [pair_id]).df(),
-            "pairs WHERE pair_id = ?": lambda: con.execute(
-                "SELECT * FROM pairs WHERE pair_id = ?", [pair_id]).df(),
-            "prompts WHERE prompt_id IN": lambda: con.execute(
-                f"SELECT {ci._PROMPT_COLS} FROM prompts WHERE prompt_id IN (SELECT unnest(?))",
-                [prompt_ids]).df(),
-            "example prompts (recursive)": lambda: con.execute(
-                ci._EXAMPLES, {"ids": prompt_ids}).df(),
-            "samples WHERE sample_id IN": lambda: con.execute(
-                "SELECT * FROM samples WHERE sample_id IN (SELECT unnest(?))",
-                [sample_ids]).df(),
-            "judgments (4-way OR of IN)": lambda: con.execute(
-                ci._JUDGMENTS, {"s": sample_ids, "j": judgment_ids}).df(),
-            "models trained on": lambda: ci._models_trained_on(con, [pr["version_id"]]),
-        }
+        cond, params = ci._in("prompt_id", [pr["prompt_id"]])
+        prompt = con.execute(f"SELECT {ci._PROMPT_COLS} FROM prompts WHERE {cond}",
+                             params).df()
+        sections, _ = ci._row_lineage(con, pair_id)
+        n_ex = len(sections["example prompts"])
+        n_all = len(ci._examples(con, prompt, None)[0])
+    steps = {
+        "versions lookup by id": lambda con: con.execute(
+            "SELECT * FROM versions WHERE version_id = ?", [pair_id]).df(),
+        "pairs WHERE pair_id = ?": lambda con: con.execute(
+            "SELECT * FROM pairs WHERE pair_id = ?", [pair_id]).df(),
+        "prompts WHERE prompt_id IN": lambda con: con.execute(
+            f"SELECT {ci._PROMPT_COLS} FROM prompts WHERE {cond}", params).df(),
+        f"example prompts (depth {ci.EXAMPLE_DEPTH})": lambda con: ci._examples(
+            con, prompt, ci.EXAMPLE_DEPTH),
+        "samples WHERE sample_id IN": lambda con: con.execute(
+            "SELECT * FROM samples WHERE " + ci._in("sample_id", sample_ids)[0],
+            sample_ids).df(),
+        "judgments (3 indexed lookups)": lambda con: ci._judgments(
+            con, sample_ids, judgment_ids),
+        "models trained on": lambda con: ci._models_trained_on(con, [pr["version_id"]]),
+        "all of the above (_row_lineage)": lambda con: ci._row_lineage(con, pair_id),
+    }
+
+    def fresh(fn):
+        with cat.read() as con:
+            t0 = time.perf_counter()
+            fn(con)
+            return time.perf_counter() - t0
+
+    def first_only(fn, n):
+        return statistics.median(fresh(fn) for _ in range(n))
+
+    def open_close():
+        with cat.read():
+            pass
+
+    def close_after_lineage():
+        with cat.read() as con:
+            ci._row_lineage(con, pair_id)
+            t0 = time.perf_counter()
+        return time.perf_counter() - t0
+
+    vertical = ("pair", "prompt", "samples", "judgments")
+    out = [("open + close the catalog (read-only)", timed(open_close, repeats), float("nan")),
+           ("close after the lineage queries",
+            statistics.median(close_after_lineage() for _ in range(repeats)), float("nan")),
+           ("argparse (the whole CLI)", timed(_parser, repeats), float("nan")),
+           ("printing the sections", timed(lambda: ci.print_sections(
+               sections, "table", vertical=vertical, file=io.StringIO()), repeats),
+            float("nan"))]
+    # no other connection may be open meanwhile: DuckDB would share its (warm) instance
+    first = {name: first_only(fn, repeats) for name, fn in steps.items()}
+    with cat.read() as con:
         for name, fn in steps.items():
-            out.append((name, timed(fn, repeats)))
-        n_ex = len(con.execute(ci._EXAMPLES, {"ids": prompt_ids}).df())
-    out.append((f"(example prompts rows: {n_ex})", float("nan")))
+            out.append((name, first[name], timed(lambda fn=fn: fn(con), repeats)))
+        out.append(("example prompts (--depth all, recursive)", float("nan"),
+                    timed(lambda: ci._examples(con, prompt, None), 1)))
+    out.append((f"(example prompts: {n_ex} rows at depth {ci.EXAMPLE_DEPTH}, {n_all} in all)",
+                float("nan"), float("nan")))
     return out
 
 
 def investigate(info: dict, rows: list[dict]) -> str:
     lines = []
     missed = {r["key"] for r in rows if r["met"].startswith("**no")}
+    if "ingest" in missed and info.get("by_kind"):
+        lines.append("\ningest by kind (Catalog.commit wall time):")
+        for kind, (n, nrows, secs) in info["by_kind"].items():
+            lines.append(f"  {kind:<10} {n:>3} commits {nrows:>11,} rows {secs:7.2f} s "
+                         f"{secs / n * 1e3:8.1f} ms/commit {nrows / secs:>12,.0f} rows/s")
     if "lineage" in missed:
-        lines.append(f"\nlineage of {info['pair_id']}, query by query (median ms):")
-        for name, t in lineage_breakdown(info["path"], info["pair_id"]):
-            lines.append(f"  {name:<34} {t * 1e3:8.1f}" if t == t else f"  {name}")
+        lines.append(f"\nlineage of {info['pair_id']}, step by step (median ms; fresh: first "
+                     "query on a new read-only connection, as the CLI runs it):")
+        lines.append(f"  {'':<42} {'fresh':>8} {'warm':>8}")
+        for name, fresh, warm in lineage_breakdown(info["path"], info["pair_id"]):
+            cells = "".join(f" {t * 1e3:8.1f}" if t == t else f" {'':>8}" for t in (fresh, warm))
+            lines.append(f"  {name:<42}{cells}")
     if "round_summary" in missed:
         lines.append("\nround_summary parts (median ms):")
         for name, q in (("round_lineage", "SELECT * FROM round_lineage"),

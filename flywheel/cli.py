@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
         epilog="example:\n  flywheel iterate --rounds 3 --config configs/demo.yaml "
                "--set sampling.n=4", formatter_class=argparse.RawDescriptionHelpFormatter)
     it.add_argument("--rounds", type=int, default=3, help="number of rounds (default 3)")
+    it.add_argument("--continue", dest="continue_", action="store_true",
+                    help="run --rounds more rounds after the last one in the catalog (the "
+                         "rounds it holds are reused, not counted): what a scheduled "
+                         "deployment runs")
     _config_args(it)
     it.add_argument("--no-prefect", action="store_true",
                     help="run the same pipeline as plain Python, without Prefect")
@@ -93,9 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     _config_args(co)
     co.add_argument("--reference", action="store_true",
                     help="list every setting with type, default and meaning")
-    from flywheel import cli_data, cli_inspect
+    from flywheel import cli_data, cli_deploy, cli_inspect, cli_status
 
-    for module in (cli_inspect, cli_data):
+    for module in (cli_inspect, cli_data, cli_deploy, cli_status):
         COMMANDS.update(module.register(sub))
     return p
 
@@ -123,25 +127,78 @@ def cmd_iterate(args) -> int:
         raise FlywheelError(f"--rounds {args.rounds}: give at least 1 round")
     command = "flywheel " + " ".join(sys.argv[1:])
     t0 = time.perf_counter()
-    if args.no_prefect:
-        from flywheel import pipeline
+    from flywheel import pipeline, runlock
+    from flywheel.catalog import new_run_id
 
-        pipeline.iterate(cfg, args.rounds, command=command,
-                         on_round=lambda ctx, res: report.print_table(
-                             report.summary_rows(ctx.catalog, last_eval=res.eval),
-                             f"flywheel · round {res.round}"))
-    else:
-        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        from flywheel import pipeline
+    pipeline.preflight(cfg)  # fail fast, before Prefect starts a server
+    run_id = new_run_id()
+    # the workspace lock first: a second run stops here at once, before Prefect starts
+    runlock.acquire(cfg.catalog_path(), run_id, command)
+    try:
+        if args.no_prefect:
+            results = pipeline.iterate(
+                cfg, args.rounds, run_id=run_id, command=command, continue_=args.continue_,
+                on_round=lambda ctx, res: report.print_table(
+                    report.summary_rows(ctx.catalog, last_eval=res.eval),
+                    f"flywheel · round {res.round}"))
+            done = [r.round for r in results]
+        else:
+            os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+            os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+            _temporary_server_dies_with_us()
+            from flows.iterate import iterate_flow
 
-        pipeline.preflight(cfg)  # fail fast, before Prefect starts a server
-        from flows.iterate import iterate_flow
-
-        iterate_flow(config=cfg.to_dict(), rounds=args.rounds, command=command)
-    print(f"done: {args.rounds} round(s) in {time.perf_counter() - t0:.0f}s; catalog: "
+            results = iterate_flow(config=cfg.to_dict(), rounds=args.rounds, run_id=run_id,
+                                   command=command, continue_rounds=args.continue_)
+            done = [r["round"] for r in results]
+    finally:
+        runlock.release(cfg.catalog_path())
+    span = f"round {done[0]}" if len(done) == 1 else f"rounds {done[0]}-{done[-1]}"
+    print(f"done: {span} in {time.perf_counter() - t0:.0f}s (run {run_id}); catalog: "
           f"{cfg.catalog_path()}", file=sys.stderr)
     return 0
+
+
+def _temporary_server_dies_with_us() -> None:
+    """Linux: make Prefect's temporary server (a `python -m uvicorn` child it starts when
+    PREFECT_API_URL is unset) die with this process, even when this process is SIGKILLed;
+    otherwise a killed `flywheel iterate` leaves it running for good, holding a port and the
+    killed run's stdout/stderr open. Uses prctl(PR_SET_PDEATHSIG) in the child."""
+    if sys.platform != "linux" or os.environ.get("PREFECT_API_URL"):
+        return
+    import ctypes
+    import signal
+    import subprocess
+
+    from prefect.server.api import server as prefect_server
+
+    cls = prefect_server.SubprocessASGIServer
+    if getattr(cls, "_flywheel_pdeathsig", False):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return
+    original = cls._run_uvicorn_command
+
+    def die_with_parent() -> None:
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+    def run_uvicorn_command(self):
+        real_popen = subprocess.Popen
+
+        def popen(*args, **kwargs):
+            kwargs.setdefault("preexec_fn", die_with_parent)
+            return real_popen(*args, **kwargs)
+
+        subprocess.Popen = popen  # only for this one call, made from the main thread
+        try:
+            return original(self)
+        finally:
+            subprocess.Popen = real_popen
+
+    cls._run_uvicorn_command = run_uvicorn_command
+    cls._flywheel_pdeathsig = True
 
 
 def cmd_setup_model(args) -> int:

@@ -199,6 +199,19 @@ def add_output_args(p: argparse.ArgumentParser, *, sections: bool = True) -> Non
     p.set_defaults(fmt="table")
 
 
+def _depth(text: str) -> int | None:
+    """--depth: a level count >= 0, or `all` (None)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or `all`: {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {n}")
+    return n
+
+
 def _catalog_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--catalog", default="data/flywheel.duckdb", help="the DuckDB file")
 
@@ -221,13 +234,18 @@ def register(sub: argparse._SubParsersAction) -> dict:
         "lineage", help="where a version or row came from, and what was made from it",
         description="Ancestors and descendants of a version id, or of one row: a prompt "
                     "(p_...), sample (s_...), judgment (j_...) or pair (pr_...). A row's lineage "
-                    "shows its prompt and the few-shot example prompts it came from (back to the "
-                    "seeds), the samples, every judgment of them with rationale and verdict or "
-                    "score, the pairs, and the model versions trained on them.",
+                    "shows its prompt and the few-shot example prompts it came from (--depth "
+                    "levels of them; `--depth all`: back to the seeds), the samples, every "
+                    "judgment of them with rationale and verdict or score, the pairs, and the "
+                    "model versions trained on them.",
         epilog="example:\n  flywheel lineage pr_0123456789abcdef\n"
+               "  flywheel lineage p_0123456789abcdef --depth all\n"
                "  flywheel lineage model-r2-0123456789 --json",
         formatter_class=_RAW)
     li.add_argument("id", help="a version id or a row id (p_, s_, j_, pr_)")
+    li.add_argument("--depth", type=_depth, default=EXAMPLE_DEPTH, metavar="N|all",
+                    help="levels of few-shot example prompts to walk back (default "
+                         f"{EXAMPLE_DEPTH}; `all`: back to the seeds)")
     _catalog_arg(li)
     add_output_args(li)
 
@@ -302,6 +320,27 @@ ORDER BY d.direction, d.depth, v.round, v.kind, v.version_id
 _PROMPT_COLS = ("prompt_id, version_id, source, category, text, gold, constraints, "
                 "source_ref, examples")
 
+#: How many levels of few-shot examples `flywheel lineage` walks back by default: a prompt
+#: generated in round N rests on `prompts.few_shot` examples per level, N levels deep (8 per
+#: level and 10 rounds: ~25k rows), so the whole walk is opt-in (`--depth all`).
+EXAMPLE_DEPTH = 1
+
+_JUDGMENT_COLS = ("judgment_id, version_id, type, judge, method, sample_id, sample_a, sample_b, "
+                  "swapped, k, parsed, error, score, verdict, winner, rationale")
+_JUDGMENT_ORDER = "type, judge, sample_id, sample_a, swapped, k, judgment_id"
+
+
+def _in(column: str, values) -> tuple[str, list]:
+    """`column IN (?, ?, ...)` and its parameters: a literal list, which DuckDB answers with
+    lookups in the ART index on `column` (for `IN (SELECT unnest(?))` or `= ANY(?)` it plans a
+    join: 3× slower at 64 ids, a scan from a few thousand)."""
+    values = list(values)
+    if not values:
+        return "false", []
+    return f"{column} IN ({', '.join('?' * len(values))})", values
+
+
+#: The whole walk back to the seeds (`--depth all`): one recursive query.
 _EXAMPLES = """
 WITH RECURSIVE ex(prompt_id, used_by, depth) AS (
     SELECT DISTINCT unnest(examples), prompt_id, 1 FROM prompts
@@ -314,27 +353,75 @@ FROM ex JOIN prompts p USING (prompt_id)
 ORDER BY ex.depth, ex.used_by, p.prompt_id, p.version_id
 """
 
-_JUDGMENTS = """
-SELECT judgment_id, version_id, type, judge, method, sample_id, sample_a, sample_b, swapped, k,
-       parsed, error, score, verdict, winner, rationale
-FROM judgments
-WHERE sample_id IN (SELECT unnest($s)) OR sample_a IN (SELECT unnest($s))
-   OR sample_b IN (SELECT unnest($s)) OR judgment_id IN (SELECT unnest($j))
-ORDER BY type, judge, sample_id, sample_a, swapped, k, judgment_id
-"""
+
+def _examples(con, prompts, depth: int | None):
+    """The few-shot example prompts behind the rows of `prompts` (prompt_id, examples):
+    (depth, used_by, prompt_id, version_id, source, text, examples), ordered by depth, used_by,
+    prompt_id, version_id; and whether a further level was left out. `depth` levels are
+    looked up by id, one query per level; `depth` None is the whole walk (_EXAMPLES)."""
+    import pandas as pd
+
+    if depth is None:
+        ids = list(dict.fromkeys(prompts["prompt_id"]))
+        return con.execute(_EXAMPLES, {"ids": ids}).df(), False
+    frames = []
+    level = 0
+    edges = {(e, pid) for pid, ex in zip(prompts["prompt_id"], prompts["examples"])
+             for e in (ex if ex is not None else ()) if e is not None}
+    while edges and level < depth:
+        level += 1
+        ids = sorted({e for e, _ in edges})
+        cond, params = _in("p.prompt_id", ids)
+        used = sorted(edges)
+        rows = _q(con, "SELECT CAST(? AS INTEGER) AS depth, ex.used_by, p.prompt_id, "
+                       "p.version_id, p.source, p.text, p.examples FROM prompts p JOIN "
+                       "(SELECT unnest(CAST(? AS VARCHAR[])) AS prompt_id, "
+                       "unnest(CAST(? AS VARCHAR[])) AS used_by) ex USING (prompt_id) "
+                       f"WHERE {cond} ORDER BY ex.used_by, p.prompt_id, p.version_id",
+                  [level, [e for e, _ in used], [u for _, u in used], *params])
+        frames.append(rows)
+        edges = {(e, pid) for pid, ex in zip(rows["prompt_id"], rows["examples"])
+                 for e in (ex if ex is not None else ()) if e is not None}
+    if not frames:  # the columns, no rows
+        frames.append(_q(con, "SELECT CAST(NULL AS INTEGER) AS depth, NULL::VARCHAR AS used_by, "
+                              "prompt_id, version_id, source, text, examples FROM prompts "
+                              "LIMIT 0"))
+    out = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    return out, bool(edges)
+
+
+def _judgments(con, sample_ids: list[str], judgment_ids: list[str]):
+    """Every judgment of the samples (as sample_id, sample_a or sample_b) and the judgments
+    named by `judgment_ids`, by three indexed lookups (no scan of all judgments). A judgment id
+    hashes its samples, so the named judgments are among those rows; ids that are not (rows
+    edited by hand) are looked up as well, by a scan."""
+    def lookup(col: str, values) -> tuple[str, list]:
+        cond, params = _in(col, values)
+        return f"SELECT rowid AS _rid, {_JUDGMENT_COLS} FROM judgments WHERE {cond}", params
+
+    def run(parts):
+        union = " UNION ".join(sql for sql, _ in parts)  # a row matched twice is shown once
+        return _q(con, f"SELECT {_JUDGMENT_COLS} FROM ({union}) ORDER BY {_JUDGMENT_ORDER}",
+                  [x for _, params in parts for x in params])
+
+    parts = [lookup(col, sample_ids) for col in ("sample_id", "sample_a", "sample_b")]
+    df = run(parts)
+    missing = sorted(set(judgment_ids) - set(df["judgment_id"]))
+    return run([*parts, lookup("judgment_id", missing)]) if missing else df
+
 
 def _models_trained_on(con, pair_versions: list[str]):
-    df = _q(con, "SELECT v.version_id AS model_version, v.round, m.method, m.train_pairs, "
-                 "m.base_version, m.path, v.parents FROM versions v JOIN models m "
-                 "USING (version_id) WHERE v.kind = 'model' ORDER BY v.round, v.version_id")
-    wanted = set(pair_versions)
-    df["trained_on"] = df["parents"].map(lambda ps: [p for p in ps if p in wanted])
-    df = df[df["trained_on"].map(len) > 0].drop(columns=["parents"])
-    return df.reset_index(drop=True)
+    return _q(con, "SELECT v.version_id AS model_version, v.round, m.method, m.train_pairs, "
+                   "m.base_version, m.path, "
+                   "list_filter(v.parents, lambda x: list_contains(?, x)) AS trained_on "
+                   "FROM versions v JOIN models m USING (version_id) "
+                   "WHERE v.kind = 'model' AND list_has_any(v.parents, ?) "
+                   "ORDER BY v.round, v.version_id", [pair_versions, pair_versions])
 
 
-def _row_lineage(con, rid: str) -> dict:
-    """Sections for one row id: pairs, prompt, example prompts, samples, judgments, models."""
+def _row_lineage(con, rid: str, depth: int | None = EXAMPLE_DEPTH) -> tuple[dict, bool]:
+    """Sections for one row id: pairs, prompt, example prompts (`depth` levels; None: all),
+    samples, judgments, models; and whether example levels were left out."""
     prompt_ids: list[str] = []
     sample_ids: list[str] = []
     judgment_ids: list[str] = []
@@ -382,13 +469,14 @@ def _row_lineage(con, rid: str) -> dict:
             judgment_ids += list(pr["judgment_ids"])
     sample_ids = list(dict.fromkeys(sample_ids))
 
-    prompt = _q(con, f"SELECT {_PROMPT_COLS} FROM prompts WHERE prompt_id IN "
-                     "(SELECT unnest(?)) ORDER BY prompt_id, version_id", [prompt_ids])
-    examples = con.execute(_EXAMPLES, {"ids": prompt_ids}).df()
+    cond, params = _in("prompt_id", prompt_ids)
+    prompt = _q(con, f"SELECT {_PROMPT_COLS} FROM prompts WHERE {cond} "
+                     "ORDER BY prompt_id, version_id", params)
+    examples, more = _examples(con, prompt, depth)
+    cond, params = _in("sample_id", sample_ids)
     samples = _q(con, "SELECT sample_id, version_id, prompt_id, model_version, idx, greedy, "
                       "finish_reason, completion_tokens, temperature, text FROM samples "
-                      "WHERE sample_id IN (SELECT unnest(?)) ORDER BY prompt_id, idx, "
-                      "sample_id", [sample_ids])
+                      f"WHERE {cond} ORDER BY prompt_id, idx, sample_id", params)
     samples.insert(1, "role", "")
     if found == "pair":
         role = {}
@@ -406,7 +494,7 @@ def _row_lineage(con, rid: str) -> dict:
             samples = pd.concat([extra, samples], ignore_index=True, sort=False)
         order = {"chosen": 0, "rejected": 1, "": 2}
         samples = samples.sort_values("role", key=lambda c: c.map(order), kind="stable")
-    judgments = con.execute(_JUDGMENTS, {"s": sample_ids, "j": judgment_ids}).df()
+    judgments = _judgments(con, sample_ids, judgment_ids)
     pair_cols = ["pair_id", "version_id", "prompt_id", "rule", "chosen_id", "rejected_id",
                  "chosen_score", "rejected_score", "margin", "judgment_ids"]
     models = _models_trained_on(con, list(dict.fromkeys(pairs["version_id"])))
@@ -420,7 +508,7 @@ def _row_lineage(con, rid: str) -> dict:
     if found != "pair":
         sections["pairs"] = pairs[pair_cols]
     sections["models"] = models
-    return sections
+    return sections, more
 
 
 def cmd_lineage(args) -> int:
@@ -437,8 +525,13 @@ def cmd_lineage(args) -> int:
             }
             vertical = ("version",)
         else:
-            sections = _row_lineage(con, args.id)
+            depth = getattr(args, "depth", EXAMPLE_DEPTH)
+            sections, more = _row_lineage(con, args.id, depth)
             vertical = ("pair", "prompt", "samples", "judgments")
+            if more:
+                print(f"note: example prompts shown {depth} level{'s' if depth != 1 else ''} "
+                      "back; --depth N (or --depth all) walks further towards the seeds",
+                      file=sys.stderr)
     for name, df in sections.items():
         sections[name] = df.reset_index(drop=True)
     print_sections(sections, args.fmt, vertical=vertical)

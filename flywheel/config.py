@@ -307,6 +307,22 @@ class TrainConfig:
         metadata=_meta("Fewer pairs than this: the round trains nothing and keeps the current "
                        "model."),
     )
+    data_mix: str = field(
+        default="current",
+        metadata=_meta("Pairs trained on each round: the round's own (current), or the round's "
+                       "plus the previous round's (current+previous, SPIN's recipe).",
+                       ("current", "current+previous")),
+    )
+    reference: str = field(
+        default="start",
+        metadata=_meta("DPO reference policy: the round's starting model (start; the adapter "
+                       "disabled) or the round-0 base model (base).", ("start", "base")),
+    )
+    checkpoint_steps: int = field(
+        default=50,
+        metadata=_meta("Save a training checkpoint every N optimizer steps, so a killed run "
+                       "resumes training from it; 0 = no checkpoints (training restarts)."),
+    )
 
 
 @_documented
@@ -323,6 +339,21 @@ class EvalConfig:
         default=True,
         metadata=_meta("Judge new vs previous model pairwise in both orders with the LLM judge "
                        "(verifiers decide first where prompts carry constraints)."),
+    )
+    min_win_rate: float = field(
+        default=0.0,
+        metadata=_meta("Promotion gate: a round's model becomes the next round's policy only "
+                       "if its win rate against the current policy (ties count half) is at "
+                       "least this; otherwise the round is recorded as rejected and the next "
+                       "round starts from the current policy again. 0 = promote every model; "
+                       "0.5 = never promote a model that does worse than the current one."),
+    )
+    gate_statistic: str = field(
+        default="point",
+        metadata=_meta("What the gate compares with eval.min_win_rate: the win rate itself "
+                       "(point), the low end of its 95% interval (ci_low: promote only when "
+                       "clearly better) or the high end (ci_high: reject only when clearly "
+                       "worse).", ("point", "ci_low", "ci_high")),
     )
 
 
@@ -634,7 +665,7 @@ _NON_NEGATIVE = (
     "seed", "prompts.num_new", "prompts.max_attempts", "prompts.few_shot", "prompts.min_chars",
     "prompts.temperature", "sampling.temperature", "sampling.prompts_per_round",
     "judge.temperature", "pairs.min_margin", "pairs.min_verifier_margin",
-    "pairs.max_length_ratio", "train.min_pairs", "eval.max_prompts",
+    "pairs.max_length_ratio", "train.min_pairs", "eval.max_prompts", "train.checkpoint_steps",
 )
 _RANGES = (  # key, low, low inclusive, high, high inclusive
     ("prompts.top_p", 0.0, False, 1.0, True),
@@ -643,6 +674,7 @@ _RANGES = (  # key, low, low inclusive, high, high inclusive
     ("prompts.dedupe_threshold", 0.0, False, 1.0, True),
     ("train.lora_dropout", 0.0, True, 1.0, False),
     ("train.warmup_ratio", 0.0, True, 1.0, True),
+    ("eval.min_win_rate", 0.0, True, 1.0, True),
 )
 
 

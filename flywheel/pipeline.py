@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import random
+import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from flywheel import faults, runlock
 from flywheel.catalog import Catalog, fingerprint, new_run_id
 from flywheel.config import Config
 from flywheel.errors import FlywheelError
@@ -36,6 +41,8 @@ class Context:
     catalog: Catalog
     log: Callable[[str], None] = field(default=lambda m: print(m, file=sys.stderr, flush=True))
     _backend: object = None
+    made: int = 0  # versions this process computed (not reused)
+    stage: tuple[int, str] | None = None  # (round, kind) of the stage computing now
 
     @property
     def backend(self):
@@ -93,9 +100,14 @@ def _stage(ctx: Context, kind: str, round_: int, params: dict, parents: list[str
         ctx.log(f"round {round_} · {kind:<9} reused  {hit.version_id} ({hit.row_count} rows)")
         return hit.version_id
     t0 = time.perf_counter()
+    ctx.stage = (round_, kind)
+    cat.event(ctx.run_id, "stage", round=round_, stage=kind)
+    faults.point(f"{kind}:compute")
     tables, extra = compute(fp)
     v = cat.commit(kind=kind, run_id=ctx.run_id, round=round_, parents=parents,
                    params={**params, **extra}, fp=fp, tables=tables)
+    ctx.made += 1
+    ctx.stage = None
     ctx.log(f"round {round_} · {kind:<9} made    {v.version_id} ({v.row_count} rows, "
             f"{time.perf_counter() - t0:.1f}s)")
     return v.version_id
@@ -252,35 +264,62 @@ def build_pairs(ctx: Context, round_: int, judgments: str, samples: str,
     return _stage(ctx, "pairs", round_, params, [judgments, samples, *prompt_versions], compute)
 
 
-def train(ctx: Context, round_: int, pairs: str, prompt_versions: list[str], policy: str) -> str:
-    """LoRA DPO/SPIN on the round's pairs; the merged checkpoint becomes a model version."""
+#: Train settings that do not change the trained model (left out of its fingerprint).
+_OPERATIONAL_TRAIN = ("checkpoint_steps",)
+#: Train settings that joined the fingerprint later: in it only when not at their default, so
+#: models trained before they existed keep their fingerprints.
+_TRAIN_DEFAULTS = {"data_mix": "current", "reference": "start"}
+
+
+def train(ctx: Context, round_: int, pairs: str, prompt_versions: list[str], policy: str, *,
+          previous_pairs: str | None = None, base: str | None = None) -> str:
+    """LoRA DPO/SPIN on the round's pairs (plus the previous round's with
+    `train.data_mix: current+previous`), against the round's starting model or, with
+    `train.reference: base`, the round-0 model; the merged checkpoint becomes a model version.
+    """
     from flywheel.stages.train import train_lora
 
     cfg = ctx.cfg
-    params = {"round": round_, "seed": cfg.seed, **vars(cfg.train)}
+    t = cfg.train
+    params = {"round": round_, "seed": cfg.seed,
+              **{k: v for k, v in vars(t).items()
+                 if k not in _OPERATIONAL_TRAIN and _TRAIN_DEFAULTS.get(k, object()) != v}}
+    mixed = [pairs] + ([previous_pairs] if t.data_mix == "current+previous" and previous_pairs
+                       else [])
+    reference = base if t.reference == "base" and base else policy
+    recorded = {"data_mix": t.data_mix, "pairs_versions": mixed, "reference": t.reference,
+                "reference_version": reference}
 
     def compute(fp):
         start = _model(ctx, policy)
-        pair_rows = ctx.catalog.rows("pairs", pairs)
-        if len(pair_rows) < max(1, cfg.train.min_pairs):
+        pair_rows = ctx.catalog.rows("pairs", mixed)
+        if len(pair_rows) < max(1, t.min_pairs):
             ctx.log(f"round {round_} · train     {len(pair_rows)} pairs < train.min_pairs: "
                     "the model is kept unchanged")
             row = {"path": start["path"], "content_hash": start["content_hash"],
                    "base_version": policy, "method": "unchanged", "train_pairs": len(pair_rows),
                    "metrics": "{}"}
-            return {"models": pd.DataFrame([row])}, {}
+            return {"models": pd.DataFrame([row])}, recorded
         out = cfg.models_dir() / f"model-r{round_}-{fp[:10]}"
         ctx.backend.release()
         pool = _prompts(ctx, prompt_versions)
         text = dict(zip(pool.prompt_id, pool.text))
-        metrics = train_lora(start["path"], pair_rows, text, cfg.train, out, seed=cfg.seed,
-                             device=cfg.models.device, progress=cfg.progress)
+        ref_path = _model(ctx, reference)["path"] if reference != policy else None
+        metrics = train_lora(start["path"], pair_rows, text, t, out, seed=cfg.seed,
+                             device=cfg.models.device, progress=cfg.progress,
+                             ref_path=ref_path, log=ctx.log)
         row = {"path": str(out), "content_hash": model_hash(out), "base_version": policy,
-               "method": cfg.train.method, "train_pairs": len(pair_rows),
+               "method": t.method, "train_pairs": len(pair_rows),
                "metrics": json.dumps(metrics)}
-        return {"models": pd.DataFrame([row])}, {}
+        return {"models": pd.DataFrame([row])}, recorded
 
-    return _stage(ctx, "model", round_, params, [pairs, *prompt_versions, policy], compute)
+    extra_parents = mixed[1:] + ([reference] if reference != policy else [])
+    return _stage(ctx, "model", round_, params,
+                  [pairs, *extra_parents, *prompt_versions, policy], compute)
+
+
+#: Eval settings that belong to the promotion gate, not to the eval's content.
+_GATE = ("min_win_rate", "gate_statistic")
 
 
 def evaluate(ctx: Context, round_: int, model: str, baseline: str | None,
@@ -289,7 +328,8 @@ def evaluate(ctx: Context, round_: int, model: str, baseline: str | None,
     from flywheel.stages import evaluate as stage
 
     cfg = ctx.cfg
-    params = {"round": round_, **vars(cfg.eval), "sha256": file_hash(cfg.eval.prompts_file),
+    params = {"round": round_, **{k: v for k, v in vars(cfg.eval).items() if k not in _GATE},
+              "sha256": file_hash(cfg.eval.prompts_file),
               **_gen_params(cfg), "judge": cfg.models.judge or "start-model"}
     parents = [model] + ([baseline] if baseline else []) + ([baseline_eval] if baseline_eval
                                                              else [])
@@ -358,6 +398,48 @@ def _compare(ctx: Context, items: pd.DataFrame, prompts: pd.DataFrame, model: st
     return items
 
 
+# -- the promotion gate -----------------------------------------------------------------------
+def gate(ctx: Context, round_: int, model: str, ev: str, policy: str, policy_eval: str,
+         previous_gate: str | None) -> str:
+    """Promote the round's model to policy, or reject it and keep the current policy.
+
+    The eval's win rate against the current policy (or an end of its 95% interval, see
+    `eval.gate_statistic`) must reach `eval.min_win_rate`. The decision is a version of kind
+    `gate` (table `gates`) whose parents are the eval, the candidate, the current policy and the
+    previous round's gate, so the chain of rounds, rejected ones included, is a join.
+    """
+    e = ctx.cfg.eval
+    params = {"round": round_, "min_win_rate": e.min_win_rate, "statistic": e.gate_statistic}
+
+    def compute(fp):
+        row = ctx.catalog.rows("eval", ev).iloc[0]
+        column = {"point": "win_rate", "ci_low": "ci_low", "ci_high": "ci_high"}
+        raw = row[column[e.gate_statistic]]
+        value = None if raw is None or (isinstance(raw, float) and math.isnan(raw)) \
+            else float(raw)
+        label = "win rate" if e.gate_statistic == "point" else f"win rate {e.gate_statistic}"
+        if e.min_win_rate == 0:
+            promoted, reason = True, "eval.min_win_rate is 0: every model is promoted"
+        elif value is None:
+            promoted, reason = False, f"no {label} to compare (the eval has no comparison)"
+        else:
+            promoted = value >= e.min_win_rate
+            sign = ">=" if promoted else "<"
+            reason = (f"{label} {value:.3f} {sign} eval.min_win_rate {e.min_win_rate:.3f} "
+                      f"(wins {row.wins}, losses {row.losses}, ties {row.ties})")
+        if not promoted:
+            reason += f"; the next round starts from {policy} again"
+        out = {"model_version": model, "eval_version": ev, "promoted": promoted,
+               "reason": reason, "statistic": e.gate_statistic, "value": value,
+               "threshold": e.min_win_rate,
+               "policy_version": model if promoted else policy,
+               "policy_eval": ev if promoted else policy_eval}
+        return {"gates": pd.DataFrame([out])}, {"promoted": promoted}
+
+    parents = [ev, model, policy] + ([previous_gate] if previous_gate else [])
+    return _stage(ctx, "gate", round_, params, parents, compute)
+
+
 # -- the round and the loop -------------------------------------------------------------------
 @dataclass
 class RoundResult:
@@ -368,10 +450,46 @@ class RoundResult:
     pairs: str
     model: str
     eval: str
+    gate: str = ""
+    promoted: bool = True
+    policy: str = ""  # the model the next round starts from
+    new: bool = True  # whether any of the round's versions was computed by this run
+
+
+@contextmanager
+def running(cfg: Config, run_id: str | None = None, command: str = "") -> Iterator[Context]:
+    """A run: check inputs, take the workspace lock, record the run and its end (finish, or
+    fail with the stage and the error); the lock is released however the run ends."""
+    preflight(cfg)
+    ctx = context(cfg, run_id)
+    stale = runlock.acquire(cfg.catalog_path(), ctx.run_id, command)
+    try:
+        ctx.catalog.init()
+        if stale is not None and stale.run_id != ctx.run_id:
+            ctx.log(f"the lock of {stale.describe()} was left by a process that no longer "
+                    "runs: taken over; finished stages are reused, the interrupted one redone")
+            ctx.catalog.event(stale.run_id, "killed", detail={"detected_by": ctx.run_id})
+        ctx.catalog.record_run(ctx.run_id, cfg.to_dict(), command)
+        ctx.catalog.event(ctx.run_id, "start", detail={
+            "pid": os.getpid(), "host": socket.gethostname(), "command": command,
+            "took_over": stale.run_id if stale else None})
+        try:
+            yield ctx
+        except BaseException as exc:
+            round_, kind = ctx.stage or (None, None)
+            try:
+                ctx.catalog.event(ctx.run_id, "fail", round=round_, stage=kind, detail={
+                    "error": f"{type(exc).__name__}: {exc}"})
+            except Exception:  # the failure being reported matters more
+                pass
+            raise
+        ctx.catalog.event(ctx.run_id, "finish")
+    finally:
+        runlock.release(cfg.catalog_path())
 
 
 def start(cfg: Config, run_id: str | None = None, command: str = "") -> Context:
-    """Check inputs, open the catalog, record the run."""
+    """Check inputs, open the catalog, record the run (no lock: see `running`)."""
     preflight(cfg)
     ctx = context(cfg, run_id)
     ctx.catalog.init()
@@ -385,17 +503,60 @@ def round_zero(ctx: Context) -> tuple[str, str, str]:
     return seeds, base, evaluate(ctx, 0, base, None, None)
 
 
-def run_round(ctx: Context, round_: int, pool: list[str], policy: str,
-              last_eval: str) -> RoundResult:
-    """One round: prompts -> samples -> judgments -> pairs -> model -> eval."""
+@dataclass
+class Loop:
+    """Where the loop stands between rounds: the prompt pool, the policy (the last promoted
+    model) with its eval, the base model, the last round's pairs and gate."""
+
+    pool: list[str]
+    policy: str
+    policy_eval: str
+    base: str
+    previous_pairs: str | None = None
+    previous_gate: str | None = None
+    round: int = 0  # the last round done
+    new_rounds: int = 0  # rounds this run computed (not all reused)
+
+    def wants(self, rounds: int, continue_: bool) -> bool:
+        """Another round? `rounds` in all, or with `continue_`, `rounds` new ones: rounds the
+        catalog already holds are reused and not counted, so each run adds rounds."""
+        return (self.new_rounds if continue_ else self.round) < rounds
+
+    def advance(self, res: RoundResult) -> None:
+        self.pool = [*self.pool, res.prompts]
+        if res.promoted:
+            self.policy, self.policy_eval = res.model, res.eval
+        self.previous_pairs, self.previous_gate, self.round = res.pairs, res.gate, res.round
+        self.new_rounds += res.new
+
+
+def run_round(ctx: Context, round_: int, loop: Loop) -> RoundResult:
+    """One round: prompts -> samples -> judgments -> pairs -> model -> eval -> gate."""
+    made = ctx.made
+    pool, policy = loop.pool, loop.policy
     new = generate_prompts(ctx, round_, pool, policy)
     versions = [*pool, new]
     samples = sample(ctx, round_, new, pool, policy)
     judgments = judge(ctx, round_, samples, versions, policy)
     pairs = build_pairs(ctx, round_, judgments, samples, versions)
-    model = train(ctx, round_, pairs, versions, policy)
-    ev = evaluate(ctx, round_, model, policy, last_eval)
-    return RoundResult(round_, new, samples, judgments, pairs, model, ev)
+    model = train(ctx, round_, pairs, versions, policy, previous_pairs=loop.previous_pairs,
+                  base=loop.base)
+    ev = evaluate(ctx, round_, model, policy, loop.policy_eval)
+    g = gate(ctx, round_, model, ev, policy, loop.policy_eval, loop.previous_gate)
+    return finish_round(ctx, RoundResult(round_, new, samples, judgments, pairs, model, ev, g,
+                                         new=ctx.made > made))
+
+
+def finish_round(ctx: Context, res: RoundResult) -> RoundResult:
+    """Read the gate's decision into the result, log it and record the round's end."""
+    row = ctx.catalog.rows("gate", res.gate).iloc[0]
+    res.promoted, res.policy = bool(row.promoted), row.policy_version
+    verdict = "promoted" if res.promoted else "REJECTED"
+    ctx.log(f"round {res.round} · gate      {verdict}: {row.reason}")
+    ctx.catalog.event(ctx.run_id, "round", round=res.round, stage="gate", version_id=res.gate,
+                      detail={"promoted": res.promoted, "policy": res.policy,
+                              "reason": row.reason, "new": res.new})
+    return res
 
 
 def ingested_prompts(ctx: Context) -> list[str]:
@@ -405,16 +566,23 @@ def ingested_prompts(ctx: Context) -> list[str]:
     return list(df.version_id)
 
 
+def start_loop(ctx: Context, seeds: str, base: str, base_eval: str) -> Loop:
+    return Loop(pool=[seeds, *ingested_prompts(ctx)], policy=base, policy_eval=base_eval,
+                base=base)
+
+
 def iterate(cfg: Config, rounds: int, *, run_id: str | None = None, command: str = "",
+            continue_: bool = False,
             on_round: Callable[[Context, RoundResult], None] | None = None) -> list[RoundResult]:
-    """Rounds 1..`rounds`, each starting from the model the round before made."""
-    ctx = start(cfg, run_id, command)
-    seeds, policy, last_eval = round_zero(ctx)
-    pool, results = [seeds, *ingested_prompts(ctx)], []
-    for r in range(1, rounds + 1):
-        res = run_round(ctx, r, pool, policy, last_eval)
-        pool, policy, last_eval = [*pool, res.prompts], res.model, res.eval
-        results.append(res)
-        if on_round:
-            on_round(ctx, res)
+    """Rounds 1..`rounds` (with `continue_`: `rounds` more after those in the catalog), each
+    starting from the last promoted model."""
+    results = []
+    with running(cfg, run_id, command) as ctx:
+        loop = start_loop(ctx, *round_zero(ctx))
+        while loop.wants(rounds, continue_):
+            res = run_round(ctx, loop.round + 1, loop)
+            loop.advance(res)
+            results.append(res)
+            if on_round:
+                on_round(ctx, res)
     return results

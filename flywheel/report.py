@@ -22,18 +22,30 @@ COLUMNS = [
     ("ci", "95% CI", "{}"),
     ("pass_rate", "held-out pass", "{:.1%}"),
     ("base_pass_rate", "round 0 pass", "{:.1%}"),
+    ("gate", "gate", "{}"),
 ]
 
 
 def lineage_evals(catalog: Catalog, last_eval: str | None = None) -> list[str]:
     """The eval versions of one lineage, newest last: `last_eval` (default: the newest eval)
-    and the evals it was compared against, back to round 1."""
+    and the rounds before it, back to round 1. Rounds are followed through their gates, so a
+    rejected round is in the list; catalogs without gates follow each eval's baseline."""
     if last_eval is None:
         latest = catalog.df("SELECT version_id FROM versions WHERE kind = 'eval' AND round >= 1 "
                             "ORDER BY created_at DESC LIMIT 1")
         if latest.empty:
             return []
         last_eval = latest.version_id.iloc[0]
+    gates = catalog.df(
+        "WITH RECURSIVE chain(gate, depth) AS ("
+        "  SELECT version_id, 0 FROM gates WHERE eval_version = ?"
+        "  UNION ALL SELECT p.version_id, c.depth + 1 FROM chain c"
+        "  JOIN versions g ON g.version_id = c.gate"
+        "  JOIN versions p ON p.kind = 'gate' AND list_contains(g.parents, p.version_id))"
+        "SELECT g.eval_version FROM chain c JOIN gates g ON g.version_id = c.gate "
+        "ORDER BY c.depth DESC", [last_eval])
+    if not gates.empty:
+        return list(dict.fromkeys(gates.eval_version))
     chain, current = [], last_eval
     while current:
         v = catalog.get(current)
@@ -45,14 +57,22 @@ def lineage_evals(catalog: Catalog, last_eval: str | None = None) -> list[str]:
 
 
 def summary_rows(catalog: Catalog, last_eval: str | None = None) -> list[dict]:
-    """round_summary rows of one lineage (see `lineage_evals`), with a formatted CI column."""
+    """round_summary rows of one lineage (see `lineage_evals`), with a formatted CI column and
+    the gate's decision (promoted / rejected)."""
     evals = lineage_evals(catalog, last_eval)
     df = catalog.df("SELECT * FROM round_summary WHERE eval_version IN (SELECT unnest(?)) "
                     "ORDER BY round", [evals])
+    gates = catalog.df("SELECT eval_version, promoted, reason FROM gates "
+                       "WHERE eval_version IN (SELECT unnest(?))", [evals])
+    decided = {e: (bool(p), r) for e, p, r in zip(gates.eval_version, gates.promoted,
+                                                   gates.reason)}
     rows = []
     for r in df.to_dict("records"):
         lo, hi = r.get("ci_low"), r.get("ci_high")
         r["ci"] = "" if _missing(lo) else f"{lo:.0%}–{hi:.0%}"
+        promoted, reason = decided.get(r["eval_version"], (None, None))
+        r["gate"] = "" if promoted is None else ("promoted" if promoted else "rejected")
+        r["gate_reason"] = reason
         rows.append(r)
     return rows
 

@@ -29,3 +29,16 @@ def test_bench_prints_all_four_measurements(tmp_path):
                  "round_summary"):
         assert any(name in line for line in table[1:]), name
     assert "round_summary` (2 rows)" in out  # one row per round
+    assert any("--depth all" in line for line in table[1:])
+
+
+def test_bench_breaks_down_a_missed_target(tmp_path):
+    """Under a missed target the bench prints its parts: ingest by kind, and the lineage step
+    by step on a fresh and a warm connection."""
+    bench = _bench()
+    info = bench.build(tmp_path / "b.duckdb", scale=0.001, rounds=2, log=lambda *a: None)
+    missed = [{"key": key, "met": "**no**"} for key in ("ingest", "lineage", "round_summary")]
+    out = bench.investigate(info, missed)
+    assert "ingest by kind" in out and "judgments" in out
+    assert "fresh" in out and "warm" in out and "open + close the catalog" in out
+    assert "judgments (3 indexed lookups)" in out and "round_summary parts" in out

@@ -41,7 +41,7 @@ def test_every_kind_has_a_version_for_round_one(one_round):
         zero = dict(con.execute(
             "SELECT kind, count(*) FROM versions WHERE round = 0 GROUP BY kind").fetchall())
     assert kinds == {"prompts": 1, "samples": 1, "judgments": 1, "pairs": 1, "model": 1,
-                     "eval": 1}
+                     "eval": 1, "gate": 1}
     assert zero == {"prompts": 1, "model": 1, "eval": 1}
     assert "Flow run" in proc.stderr  # it ran through Prefect
 
@@ -125,7 +125,7 @@ def test_changing_one_setting_recomputes_that_stage_and_later_only(one_round):
             if " made " in line and "·" in line}
     reused = {line.split("·")[1].split()[0] for line in proc.stderr.splitlines()
               if " reused " in line and "·" in line}
-    assert made == {"pairs", "model", "eval"}
+    assert made == {"pairs", "model", "eval", "gate"}
     assert {"prompts", "samples", "judgments"} <= reused
 
 

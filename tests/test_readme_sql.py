@@ -16,7 +16,7 @@ from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.slow
 
-KINDS = {"prompts", "samples", "judgments", "pairs", "model", "eval"}
+KINDS = {"prompts", "samples", "judgments", "pairs", "model", "eval", "gate"}
 
 _COMMAND = re.compile(r'flywheel sql "((?:[^"\\]|\\.)*)"((?:[ \t]+-p[ \t]+\S+[ \t]+\S+)*)')
 
@@ -90,6 +90,14 @@ def check_round_two_pairs(rows):
     assert all(r["version_id"].startswith("pairs-r2-") for r in rows)
 
 
+def check_gates(rows):
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["promoted"] is True and r["threshold"] == 0.0  # the gate is off by default
+        assert r["next_policy"].startswith(f"model-r{r['round']}-")
+        assert "every model is promoted" in r["reason"]
+
+
 #: A distinctive piece of each README query -> what its result must satisfy.
 CHECKS = {
     "count(*) AS versions FROM versions": check_kinds_per_round,
@@ -100,12 +108,13 @@ CHECKS = {
     "AS constraint_type": check_pass_by_type,
     "AS example": check_example_prompts,
     "v.round = $r": check_round_two_pairs,
+    "FROM gates g": check_gates,
 }
 
 
-def test_readme_has_the_eight_sql_examples():
+def test_readme_has_the_nine_sql_examples():
     queries = [q for q, _ in readme_sql_commands()]
-    assert len(queries) == 8, queries
+    assert len(queries) == 9, queries
     for key in CHECKS:
         assert sum(key in q for q in queries) == 1, key
 

@@ -2,11 +2,14 @@
 
 Reads top to bottom: validate -> load -> dataset -> trainer -> train -> merge -> save. The
 reference model is the round's starting model (the base with the adapter disabled), so SPIN is
-the sigmoid DPO loss on (gold, own answer) pairs against the previous round's model.
+the sigmoid DPO loss on (gold, own answer) pairs against the previous round's model; with
+`train.reference: base` it is the round-0 model, loaded beside the policy. Checkpoints every
+`train.checkpoint_steps` let a killed training resume.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -28,13 +31,17 @@ def preference_dataset(pairs: pd.DataFrame, prompt_text: dict[str, str]):
     ])
 
 
-def _metrics(history: list[dict]) -> dict:
-    """Training metrics from the Trainer's log history."""
+def _metrics(history: list[dict], resumed: bool = False) -> dict:
+    """Training metrics from the Trainer's log history (restored from the checkpoint too, after
+    a resume)."""
     logs = [h for h in history if "loss" in h]
     last = logs[-1] if logs else {}
     summary = next((h for h in history if "train_loss" in h), {})
     pick = {k: v for k, v in last.items() if k.startswith("rewards/") or k.startswith("logps/")}
-    return {"train_loss": summary.get("train_loss", last.get("loss")),
+    train_loss = summary.get("train_loss", last.get("loss"))
+    if resumed and logs:  # the Trainer's train_loss averages only the steps after the resume;
+        train_loss = sum(h["loss"] for h in logs) / len(logs)  # one log per step: all of them
+    return {"train_loss": train_loss,
             "first_loss": logs[0]["loss"] if logs else None, "last_loss": last.get("loss"),
             "reward_accuracy": last.get("rewards/accuracies"),
             "reward_margin": last.get("rewards/margins"),
@@ -65,10 +72,45 @@ def _progress_callback(enabled: bool):
     return Bar()
 
 
+def _complete(checkpoint: Path) -> bool:
+    """Whether a checkpoint was saved to the end: the Trainer writes trainer_state.json last,
+    and a kill while writing it leaves it cut short."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def last_checkpoint(work: Path) -> Path | None:
+    """The newest complete `checkpoint-N` folder a killed training left in `work`."""
+    done = [c for c in work.glob("checkpoint-*")
+            if c.name.split("-")[-1].isdigit() and _complete(c)]
+    return max(done, key=lambda c: int(c.name.split("-")[-1]), default=None)
+
+
+def _fault_callback():
+    """`FLYWHEEL_FAULT=train:step`: die right after the first checkpoint is saved."""
+    from transformers import TrainerCallback
+
+    from flywheel import faults
+
+    class Fault(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            faults.point("train:step")
+
+    return Fault()
+
+
 def train_lora(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str], cfg,
                out_dir: str | Path, *, seed: int, device: str = "cpu",
-               progress: bool = True) -> dict:
-    """Train a LoRA adapter with DPO on `pairs`, merge it, save to `out_dir`; return metrics."""
+               progress: bool = True, ref_path: str | None = None, log=print) -> dict:
+    """Train a LoRA adapter with DPO on `pairs`, merge it, save to `out_dir`; return metrics.
+
+    The reference policy is `base_path` with the adapter disabled, or the model at `ref_path`.
+    Checkpoints go to `<out_dir>.work` every `cfg.checkpoint_steps` steps; a training killed
+    midway resumes from the newest one when it is run again with the same inputs (the folder
+    name carries the model's fingerprint)."""
     if pairs.empty:
         raise FlywheelError("no pairs to train on")
     import torch
@@ -78,7 +120,12 @@ def train_lora(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
 
     out = Path(out_dir)
     work = out.with_name(out.name + ".work")
-    shutil.rmtree(work, ignore_errors=True)
+    steps = getattr(cfg, "checkpoint_steps", 0)
+    resume = last_checkpoint(work) if steps else None
+    if resume is None:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        log(f"resuming training from {resume} (left by an interrupted run)")
     tok = AutoTokenizer.from_pretrained(base_path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -91,21 +138,26 @@ def train_lora(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
         learning_rate=cfg.learning_rate, beta=cfg.beta,
         warmup_steps=int(cfg.warmup_ratio * steps_per_epoch * cfg.epochs),
         loss_type=list(cfg.loss_type), max_length=cfg.max_length, bf16=False,
-        gradient_checkpointing=False, use_cpu=use_cpu, report_to="none", save_strategy="no",
+        gradient_checkpointing=False, use_cpu=use_cpu, report_to="none",
+        save_strategy="steps" if steps else "no", save_steps=steps or 500, save_total_limit=2,
+        save_only_model=False,
         logging_steps=1, seed=seed, disable_tqdm=True, dataloader_num_workers=0,
         lr_scheduler_type="constant" if steps_per_epoch * cfg.epochs < 10 else "linear")
     peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                              lora_dropout=cfg.lora_dropout,
                              target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM")
-    trainer = DPOTrainer(model=model, args=args, processing_class=tok,
+    ref_model = (AutoModelForCausalLM.from_pretrained(ref_path, dtype=torch.float32)
+                 if ref_path else None)
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, processing_class=tok,
                          train_dataset=preference_dataset(pairs, prompt_text),
                          peft_config=peft_config)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # no log dicts on stdout: the bar shows the loss
     trainer.add_callback(_progress_callback(progress))
-    trainer.train()
-    metrics = _metrics(trainer.state.log_history)
+    trainer.add_callback(_fault_callback())
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    metrics = _metrics(trainer.state.log_history, resumed=resume is not None)
     merged = trainer.model.merge_and_unload()
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,134 @@
+"""One writer per workspace: an exclusive lock file beside the catalog.
+
+`flywheel iterate` (and a scheduled or work-pool flow run) holds `<catalog>.lock` for the
+whole run. The lock is an OS file lock (`flock`), so the kernel drops it the moment its
+process dies, SIGKILL included; the file's content names the holder (run id, pid, host, start
+time). A second run finds the lock taken and stops at once with that name. A run that finds the
+content of a holder whose lock is gone knows that holder died, says so, and takes over.
+
+DuckDB's own file lock is held only for the length of one commit, so readers (`flywheel sql`)
+are never blocked by this lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from flywheel.errors import FlywheelError
+
+#: lock path -> [open file, holder info, depth, the dead holder taken over]. Re-entrant within
+#: one process, so the CLI can take the lock before Prefect starts and its flow take it again.
+_HELD: dict[str, list] = {}
+
+
+@dataclass(frozen=True)
+class Holder:
+    run_id: str
+    pid: int
+    host: str
+    started_at: str
+    command: str = ""
+
+    def describe(self) -> str:
+        return (f"run {self.run_id} (pid {self.pid} on {self.host}, started {self.started_at}"
+                + (f": {self.command}" if self.command else "") + ")")
+
+
+def lock_path(catalog: str | Path) -> Path:
+    return Path(str(catalog) + ".lock")
+
+
+def read_holder(catalog: str | Path) -> Holder | None:
+    """Who the lock file names (the live holder, or a dead one's leftover), if anyone."""
+    try:
+        text = lock_path(catalog).read_text()
+    except OSError:
+        return None
+    try:
+        d = json.loads(text)
+        return Holder(d["run_id"], int(d["pid"]), d["host"], d["started_at"],
+                      d.get("command", ""))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def is_locked(catalog: str | Path) -> bool:
+    """Whether a live process holds the lock now (this process included)."""
+    path = lock_path(catalog)
+    if str(path.resolve()) in _HELD:
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def acquire(catalog: str | Path, run_id: str, command: str = "") -> Holder | None:
+    """Take the workspace lock for `run_id`, or raise naming the run that holds it.
+
+    Returns the dead holder whose leftover lock was taken over, if there was one."""
+    path = lock_path(catalog)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = str(path.resolve())
+    if key in _HELD:
+        _HELD[key][2] += 1
+        return _HELD[key][3]
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        holder = read_holder(catalog)
+        who = holder.describe() if holder else "another process (no holder recorded yet)"
+        raise FlywheelError(
+            f"the workspace is in use: {catalog} is locked by {who}",
+            details=["only one run writes a catalog at a time; nothing was written",
+                     "wait for that run to finish (`flywheel status` shows its progress), stop "
+                     "it"
+                     + (f" (`kill {holder.pid}` on {holder.host})" if holder else "")
+                     + ", or use another workspace (--set workspace=DIR)",
+                     "reading is not blocked: `flywheel sql` works while it runs"]) from None
+    stale = read_holder(catalog)
+    holder = Holder(run_id, os.getpid(), socket.gethostname(),
+                    datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"), command)
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps(holder.__dict__))
+    f.flush()
+    os.fsync(f.fileno())
+    _HELD[key] = [f, holder, 1, stale]
+    return stale
+
+
+def release(catalog: str | Path) -> None:
+    """Drop one hold of the lock; the last one empties the file and unlocks it."""
+    key = str(lock_path(catalog).resolve())
+    entry = _HELD.get(key)
+    if entry is None:
+        return
+    entry[2] -= 1
+    if entry[2] > 0:
+        return
+    f = entry[0]
+    del _HELD[key]
+    try:
+        f.seek(0)
+        f.truncate()
+        f.flush()
+    finally:
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        f.close()

@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     except FlywheelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # the reader went away (`flywheel status | head`): not an error
+    except BrokenPipeError:  # the reader went away (`flywheel lineage ID | head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 

@@ -168,20 +168,6 @@ def print_sections(sections: dict, fmt: str = "table", *, vertical: tuple = (),
         print_frame(None, fmt, file=out)  # raises the unknown-format error
 
 
-def _quiet_pipe(fn):
-    """A command whose output may be cut short by `| head` without a traceback."""
-    def wrapped(args) -> int:
-        try:
-            return fn(args)
-        except BrokenPipeError:
-            import os
-
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 0
-    wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
-    return wrapped
-
-
 # -- arguments ----------------------------------------------------------------------------
 def add_output_args(p: argparse.ArgumentParser, *, sections: bool = True) -> None:
     """The shared output options of read commands: --json | --nl | --csv (default: table).
@@ -262,8 +248,7 @@ def register(sub: argparse._SubParsersAction) -> dict:
                     help="list at most N added / removed rows each (default 50)")
     _catalog_arg(di)
     add_output_args(di)
-    return {"show": _quiet_pipe(cmd_show), "lineage": _quiet_pipe(cmd_lineage),
-            "diff": _quiet_pipe(cmd_diff)}
+    return {"show": cmd_show, "lineage": cmd_lineage, "diff": cmd_diff}
 
 
 # -- helpers ------------------------------------------------------------------------------

@@ -488,15 +488,6 @@ def running(cfg: Config, run_id: str | None = None, command: str = "") -> Iterat
         runlock.release(cfg.catalog_path())
 
 
-def start(cfg: Config, run_id: str | None = None, command: str = "") -> Context:
-    """Check inputs, open the catalog, record the run (no lock: see `running`)."""
-    preflight(cfg)
-    ctx = context(cfg, run_id)
-    ctx.catalog.init()
-    ctx.catalog.record_run(ctx.run_id, cfg.to_dict(), command)
-    return ctx
-
-
 def round_zero(ctx: Context) -> tuple[str, str, str]:
     """Seeds, base model, and the base model's held-out eval (round 0)."""
     seeds, base = seed_prompts(ctx), base_model(ctx)

@@ -367,7 +367,8 @@ def build(path: Path, scale: float = 1.0, rounds: int = 10, seed: int = 0,
         policy, base_eval = model, ev
         log(f"round {rnd:>2}: {sum(len(d) for d in (prompts, samples, judgments, pairs)):,} "
             f"rows in {time.perf_counter() - t0:.1f}s (commits so far {b.seconds:.1f}s)")
-    return {"path": path, "rows": b.rows, "commit_s": b.seconds, "commits": b.commits,
+    return {"path": path, "scale": scale, "rows": b.rows, "commit_s": b.seconds,
+            "commits": b.commits,
             "by_kind": b.by_kind,
             "build_s": time.perf_counter() - t_start, "counts": counts, "pair_id": pair_id,
             "first_pair_id": first_pair_id}
@@ -503,8 +504,8 @@ def lineage_breakdown(path: Path, pair_id: str, repeats: int = 3
         "samples WHERE sample_id IN": lambda con: con.execute(
             "SELECT * FROM samples WHERE " + ci._in("sample_id", sample_ids)[0],
             sample_ids).df(),
-        "judgments (3 indexed lookups)": lambda con: ci._judgments(
-            con, sample_ids, judgment_ids),
+        "judgments (prompt_id index, filtered)": lambda con: ci._judgments(
+            con, [pr["prompt_id"]], sample_ids, judgment_ids),
         "models trained on": lambda con: ci._models_trained_on(con, [pr["version_id"]]),
         "all of the above (_row_lineage)": lambda con: ci._row_lineage(con, pair_id),
     }
@@ -548,6 +549,76 @@ def lineage_breakdown(path: Path, pair_id: str, repeats: int = 3
     return out
 
 
+def ingest_floors(scale: float = 1.0, repeats: int = 3) -> list[tuple[str, float]]:
+    """What the write path could reach at best on this machine, on one round's judgments
+    (the bulk of the rows): rows/s of Catalog.commit into a fresh catalog, of DuckDB itself
+    (the same Arrow rows into an empty table without indexes, one transaction, default and
+    uncompressed storage), and of writing them to a Parquet file with pyarrow (no catalog, no
+    index, no transaction). Each the median of `repeats`."""
+    import duckdb
+    import pyarrow.parquet as pq
+
+    from flywheel.catalog import SCHEMA, _arrow
+
+    m = Material(1)
+    n = max(int(PROMPTS_PER_ROUND * scale), 2)
+    samples = sample_rows(m, 1, hex_ids("p_", 1, 1, n), "model-r0-bench")
+    judgments = judgment_rows(m, 1, samples, "model-r0-bench")
+    table = _arrow(judgments)
+    cols = ", ".join(f'"{c}"' for c in judgments.columns)
+    tables_only = SCHEMA.split("CREATE OR REPLACE VIEW")[0]
+    out = []
+    with tempfile.TemporaryDirectory(prefix="flywheel-floor-") as tmp:
+        def catalog_commit(i):
+            cat = Catalog(Path(tmp) / f"c{i}.duckdb")
+            cat.init()
+            t0 = time.perf_counter()
+            cat.commit(kind="judgments", run_id="r", round=1, parents=[], params={},
+                       fp=f"{i:020d}", tables={"judgments": judgments})
+            return time.perf_counter() - t0
+
+        def duck(i, config):
+            path = str(Path(tmp) / f"d{i}.duckdb")
+            with duckdb.connect(path) as con:
+                con.execute(tables_only)
+            t0 = time.perf_counter()
+            with duckdb.connect(path, config=config) as con:
+                con.register("_rows", table)
+                con.execute("BEGIN")
+                con.execute(f'INSERT INTO judgments ("version_id", {cols}) '
+                            f"SELECT 'v', {cols} FROM _rows")
+                con.execute("COMMIT")
+                con.execute("CHECKPOINT")
+            return time.perf_counter() - t0
+
+        def rate(fn) -> float:
+            times = []
+            for i in range(repeats):
+                t0 = time.perf_counter()
+                dt = fn(i)
+                times.append(time.perf_counter() - t0 if dt is None else dt)
+            return len(table) / statistics.median(times)
+
+        out.append(("Catalog.commit, fresh catalog (indexes, one transaction)",
+                    rate(catalog_commit)))
+        out.append(("DuckDB alone: empty table, no index", rate(lambda i: duck(i, {}))))
+        out.append(("DuckDB alone, uncompressed storage",
+                    rate(lambda i: duck(100 + i, {"force_compression": "uncompressed"}))))
+        for comp in ("snappy", "none"):
+            out.append((f"pyarrow Parquet file ({comp}; no catalog, no index)",
+                        rate(lambda i, c=comp: pq.write_table(
+                            table, Path(tmp) / f"j{i}.{c}.parquet", compression=c))))
+    return [(f"{name} [{len(table):,} judgments]", r) for name, r in out]
+
+
+def instance_floor(repeats: int = 7) -> float:
+    """Seconds to start and close a DuckDB instance on an empty in-memory database: the part
+    of every CLI call that no query shape changes."""
+    import duckdb
+
+    return timed(lambda: duckdb.connect().close(), repeats)
+
+
 def investigate(info: dict, rows: list[dict]) -> str:
     lines = []
     missed = {r["key"] for r in rows if r["met"].startswith("**no")}
@@ -556,6 +627,9 @@ def investigate(info: dict, rows: list[dict]) -> str:
         for kind, (n, nrows, secs) in info["by_kind"].items():
             lines.append(f"  {kind:<10} {n:>3} commits {nrows:>11,} rows {secs:7.2f} s "
                          f"{secs / n * 1e3:8.1f} ms/commit {nrows / secs:>12,.0f} rows/s")
+        lines.append("\nthe floor: one round's judgments written each way (median rows/s):")
+        for name, r in ingest_floors(info.get("scale", 1.0)):
+            lines.append(f"  {name:<78} {r:>12,.0f}")
     if "lineage" in missed:
         lines.append(f"\nlineage of {info['pair_id']}, step by step (median ms; fresh: first "
                      "query on a new read-only connection, as the CLI runs it):")
@@ -563,6 +637,8 @@ def investigate(info: dict, rows: list[dict]) -> str:
         for name, fresh, warm in lineage_breakdown(info["path"], info["pair_id"]):
             cells = "".join(f" {t * 1e3:8.1f}" if t == t else f" {'':>8}" for t in (fresh, warm))
             lines.append(f"  {name:<42}{cells}")
+        lines.append(f"  {'(floor: start + close DuckDB, empty in-memory db)':<42}"
+                     f" {instance_floor() * 1e3:8.1f}")
     if "round_summary" in missed:
         lines.append("\nround_summary parts (median ms):")
         for name, q in (("round_lineage", "SELECT * FROM round_lineage"),

@@ -375,24 +375,27 @@ def _examples(con, prompts, depth: int | None):
     return out, bool(edges)
 
 
-def _judgments(con, sample_ids: list[str], judgment_ids: list[str]):
+def _judgments(con, prompt_ids: list[str], sample_ids: list[str], judgment_ids: list[str]):
     """Every judgment of the samples (as sample_id, sample_a or sample_b) and the judgments
-    named by `judgment_ids`, by three indexed lookups (no scan of all judgments). A judgment id
-    hashes its samples, so the named judgments are among those rows; ids that are not (rows
-    edited by hand) are looked up as well, by a scan."""
-    def lookup(col: str, values) -> tuple[str, list]:
-        cond, params = _in(col, values)
-        return f"SELECT rowid AS _rid, {_JUDGMENT_COLS} FROM judgments WHERE {cond}", params
-
-    def run(parts):
-        union = " UNION ".join(sql for sql, _ in parts)  # a row matched twice is shown once
-        return _q(con, f"SELECT {_JUDGMENT_COLS} FROM ({union}) ORDER BY {_JUDGMENT_ORDER}",
-                  [x for _, params in parts for x in params])
-
-    parts = [lookup(col, sample_ids) for col in ("sample_id", "sample_a", "sample_b")]
-    df = run(parts)
+    named by `judgment_ids`: one lookup in the index on judgments.prompt_id (a judgment
+    carries the prompt of its samples; `prompt_ids` are the samples' prompts), filtered to the
+    samples, not a scan of all judgments. A judgment id hashes its samples, so the named
+    judgments are among those rows; ids that are not (rows edited by hand) are looked up as
+    well, by a scan."""
+    if not sample_ids and not judgment_ids:
+        return _q(con, f"SELECT {_JUDGMENT_COLS} FROM judgments WHERE false")
+    where, params = _in("prompt_id", prompt_ids)
+    cols = [_in(col, sample_ids) for col in ("sample_id", "sample_a", "sample_b")]
+    where += " AND (" + " OR ".join(c for c, _ in cols) + ")"
+    params += [x for _, ps in cols for x in ps]
+    df = _q(con, f"SELECT {_JUDGMENT_COLS} FROM judgments WHERE {where} "
+                 f"ORDER BY {_JUDGMENT_ORDER}", params)
     missing = sorted(set(judgment_ids) - set(df["judgment_id"]))
-    return run([*parts, lookup("judgment_id", missing)]) if missing else df
+    if not missing:
+        return df
+    named, more = _in("judgment_id", missing)
+    return _q(con, f"SELECT {_JUDGMENT_COLS} FROM judgments WHERE ({where}) OR {named} "
+                   f"ORDER BY {_JUDGMENT_ORDER}", params + more)
 
 
 def _models_trained_on(con, pair_versions: list[str]):
@@ -402,6 +405,23 @@ def _models_trained_on(con, pair_versions: list[str]):
                    "FROM versions v JOIN models m USING (version_id) "
                    "WHERE v.kind = 'model' AND list_has_any(v.parents, ?) "
                    "ORDER BY v.round, v.version_id", [pair_versions, pair_versions])
+
+
+def _concurrently(con, *fns):
+    """[fn(c) for fn in fns], each on its own cursor of `con` (a connection to the same
+    database) in its own thread: the lookups of one lineage are independent, and on a fresh
+    connection each mostly waits on reading and decompressing its blocks (DuckDB releases the
+    GIL meanwhile), so running them side by side takes ~20% off `flywheel lineage`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cursors = [con.cursor() for _ in fns]
+    try:
+        with ThreadPoolExecutor(len(fns)) as pool:
+            futures = [pool.submit(fn, c) for fn, c in zip(fns, cursors)]
+            return [f.result() for f in futures]
+    finally:
+        for c in cursors:
+            c.close()
 
 
 def _row_lineage(con, rid: str, depth: int | None = EXAMPLE_DEPTH) -> tuple[dict, bool]:
@@ -454,14 +474,22 @@ def _row_lineage(con, rid: str, depth: int | None = EXAMPLE_DEPTH) -> tuple[dict
             judgment_ids += list(pr["judgment_ids"])
     sample_ids = list(dict.fromkeys(sample_ids))
 
-    cond, params = _in("prompt_id", prompt_ids)
-    prompt = _q(con, f"SELECT {_PROMPT_COLS} FROM prompts WHERE {cond} "
-                     "ORDER BY prompt_id, version_id", params)
-    examples, more = _examples(con, prompt, depth)
-    cond, params = _in("sample_id", sample_ids)
-    samples = _q(con, "SELECT sample_id, version_id, prompt_id, model_version, idx, greedy, "
-                      "finish_reason, completion_tokens, temperature, text FROM samples "
-                      f"WHERE {cond} ORDER BY prompt_id, idx, sample_id", params)
+    def prompt_and_examples(c):
+        cond, params = _in("prompt_id", prompt_ids)
+        prompt = _q(c, f"SELECT {_PROMPT_COLS} FROM prompts WHERE {cond} "
+                       "ORDER BY prompt_id, version_id", params)
+        return (prompt, *_examples(c, prompt, depth))
+
+    def samples_of(c):
+        cond, params = _in("sample_id", sample_ids)
+        return _q(c, "SELECT sample_id, version_id, prompt_id, model_version, idx, greedy, "
+                     "finish_reason, completion_tokens, temperature, text FROM samples "
+                     f"WHERE {cond} ORDER BY prompt_id, idx, sample_id", params)
+
+    (prompt, examples, more), samples, judgments, models = _concurrently(
+        con, prompt_and_examples, samples_of,
+        lambda c: _judgments(c, prompt_ids, sample_ids, judgment_ids),
+        lambda c: _models_trained_on(c, list(dict.fromkeys(pairs["version_id"]))))
     samples.insert(1, "role", "")
     if found == "pair":
         role = {}
@@ -479,10 +507,8 @@ def _row_lineage(con, rid: str, depth: int | None = EXAMPLE_DEPTH) -> tuple[dict
             samples = pd.concat([extra, samples], ignore_index=True, sort=False)
         order = {"chosen": 0, "rejected": 1, "": 2}
         samples = samples.sort_values("role", key=lambda c: c.map(order), kind="stable")
-    judgments = _judgments(con, sample_ids, judgment_ids)
     pair_cols = ["pair_id", "version_id", "prompt_id", "rule", "chosen_id", "rejected_id",
                  "chosen_score", "rejected_score", "margin", "judgment_ids"]
-    models = _models_trained_on(con, list(dict.fromkeys(pairs["version_id"])))
     sections = {}
     if found == "pair":
         sections["pair"] = pairs[pair_cols + ["chosen_text", "rejected_text"]]
@@ -499,9 +525,12 @@ def _row_lineage(con, rid: str, depth: int | None = EXAMPLE_DEPTH) -> tuple[dict
 def cmd_lineage(args) -> int:
     cat = Catalog(args.catalog)
     with cat.read() as con:
-        head = _q(con, "SELECT version_id, kind, round, run_id, parents, row_count, params "
-                       "FROM versions WHERE version_id = ?", [args.id])
-        if len(head):
+        # row ids have a prefix no version id has (versions are `<kind>-r<round>-<hash>`)
+        row_id = args.id.startswith(("p_", "s_", "j_", "pr_"))
+        head = None if row_id else _q(
+            con, "SELECT version_id, kind, round, run_id, parents, row_count, params "
+                 "FROM versions WHERE version_id = ?", [args.id])
+        if head is not None and len(head):
             tree = con.execute(_VERSION_TREE, {"id": args.id}).df()
             sections = {
                 "version": head,

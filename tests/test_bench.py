@@ -41,4 +41,4 @@ def test_bench_breaks_down_a_missed_target(tmp_path):
     out = bench.investigate(info, missed)
     assert "ingest by kind" in out and "judgments" in out
     assert "fresh" in out and "warm" in out and "open + close the catalog" in out
-    assert "judgments (3 indexed lookups)" in out and "round_summary parts" in out
+    assert "judgments (prompt_id index, filtered)" in out and "round_summary parts" in out

@@ -192,7 +192,9 @@ def test_failure_inside_write_leaves_nothing(cat: Catalog) -> None:
 
 def test_failing_commit_writes_no_rows_and_no_version(cat: Catalog) -> None:
     bad_samples = pd.DataFrame([{"sample_id": "s_1"}])  # NOT NULL columns missing
-    with pytest.raises(duckdb.Error):
+    # the INSERT's own error, naming the column (not "transaction is aborted" from cleanup)
+    with pytest.raises(duckdb.ConstraintException,
+                       match=r"NOT NULL constraint failed: samples\.prompt_id"):
         cat.commit(kind="samples", run_id="r", round=1, parents=[], params={}, fp="b" * 20,
                    tables={"prompts": prompts("Written first."), "samples": bad_samples})
     assert counts(cat, "prompts", "samples", "versions") == (0, 0, 0)
@@ -320,3 +322,35 @@ def test_round_summary_keeps_lineages_apart(cat: Catalog) -> None:
     assert lineage_evals(cat, a) == [a]
     assert [r["pass_rate"] for r in summary_rows(cat, a)] == [0.5]
     assert [r["pass_rate"] for r in summary_rows(cat)] == [0.75]  # the newest lineage
+
+
+def test_writer_appends_small_row_groups_and_small_commits_share_one(tmp_path: Path) -> None:
+    """A writer attaches the file with ROW_GROUP_SIZE (so a commit of a few ten thousand rows
+    is compressed by several threads), and many one-row commits do not leave a row group each
+    (DuckDB's vacuum merges them); a path with a quote works."""
+    from flywheel.catalog import ROW_GROUP_SIZE
+
+    cat = Catalog(tmp_path / "it's" / "c.duckdb")
+    cat.init()
+    n = 2 * ROW_GROUP_SIZE + 1000
+    rows = pd.DataFrame({"prompt_id": [f"p_{i:08d}" for i in range(n)], "text": "t",
+                         "constraints": "[]", "source": "seed",
+                         "examples": [[] for _ in range(n)]})
+    for k in range(2):
+        cat.commit(kind="prompts", run_id="r", round=k, parents=[], params={"k": k},
+                   fp=f"fp{k}" * 5, tables={"prompts": rows})
+    for i in range(30):
+        cat.event("r", "stage", round=i, stage="samples")
+
+    def row_groups(con, table: str) -> list[int]:
+        """Rows per row group of `table` (the validity segments of its first column)."""
+        return [r[0] for r in con.execute(
+            f"SELECT count FROM pragma_storage_info('{table}') WHERE column_id = 0 "
+            "AND segment_type = 'VALIDITY' ORDER BY row_group_id").fetchall()]
+
+    with cat.read() as con:
+        groups, events = row_groups(con, "prompts"), row_groups(con, "run_events")
+        assert con.execute("SELECT count(*) FROM prompts").fetchone()[0] == 2 * n
+        assert con.execute("SELECT count(*) FROM run_events").fetchone()[0] == 30
+    assert sum(groups) == 2 * n and max(groups) == ROW_GROUP_SIZE and len(groups) >= 5
+    assert events == [30]

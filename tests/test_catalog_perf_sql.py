@@ -318,12 +318,15 @@ def test_commit_falls_back_to_the_pandas_scan_for_objects_arrow_reads_differentl
 
 
 def test_catalog_made_before_the_indexes_opens_and_gets_them(tmp_path, built):
-    """An older catalog (no indexes, old views) is upgraded by init, its rows untouched."""
+    """An older catalog (old views; no indexes, or the per-sample-column judgment indexes) is
+    upgraded by init: the indexes of this release and only those, its rows untouched."""
     old = tmp_path / "old.duckdb"
     shutil.copyfile(built["path"], old)
     with duckdb.connect(str(old)) as con:
         for (name,) in con.execute("SELECT index_name FROM duckdb_indexes()").fetchall():
             con.execute(f"DROP INDEX {name}")
+        for col in ("sample_id", "sample_a", "sample_b"):  # what the previous release indexed
+            con.execute(f"CREATE INDEX judgments_{col} ON judgments ({col})")
         con.execute(f"CREATE OR REPLACE VIEW pair_lineage AS {REF_PAIR_LINEAGE}")
         before = con.execute("SELECT count(*) FROM judgments").fetchall()
     cat = Catalog(old)
@@ -331,5 +334,6 @@ def test_catalog_made_before_the_indexes_opens_and_gets_them(tmp_path, built):
     cat.init()
     with cat.read() as con:
         names = {r[0] for r in con.execute("SELECT index_name FROM duckdb_indexes()").fetchall()}
-        assert {"judgments_sample_id", "pairs_pair_id", "prompts_prompt_id"} <= names
+        assert names == {"judgments_prompt_id", "pairs_pair_id", "prompts_prompt_id",
+                         "samples_sample_id"}
         assert con.execute("SELECT count(*) FROM judgments").fetchall() == before

@@ -493,8 +493,6 @@ def lineage_breakdown(path: Path, pair_id: str, repeats: int = 3
         n_ex = len(sections["example prompts"])
         n_all = len(ci._examples(con, prompt, None)[0])
     steps = {
-        "versions lookup by id": lambda con: con.execute(
-            "SELECT * FROM versions WHERE version_id = ?", [pair_id]).df(),
         "pairs WHERE pair_id = ?": lambda con: con.execute(
             "SELECT * FROM pairs WHERE pair_id = ?", [pair_id]).df(),
         "prompts WHERE prompt_id IN": lambda con: con.execute(
@@ -507,7 +505,8 @@ def lineage_breakdown(path: Path, pair_id: str, repeats: int = 3
         "judgments (prompt_id index, filtered)": lambda con: ci._judgments(
             con, [pr["prompt_id"]], sample_ids, judgment_ids),
         "models trained on": lambda con: ci._models_trained_on(con, [pr["version_id"]]),
-        "all of the above (_row_lineage)": lambda con: ci._row_lineage(con, pair_id),
+        "all of the above, concurrently (_row_lineage)": lambda con: ci._row_lineage(
+            con, pair_id),
     }
 
     def fresh(fn):
@@ -633,11 +632,11 @@ def investigate(info: dict, rows: list[dict]) -> str:
     if "lineage" in missed:
         lines.append(f"\nlineage of {info['pair_id']}, step by step (median ms; fresh: first "
                      "query on a new read-only connection, as the CLI runs it):")
-        lines.append(f"  {'':<42} {'fresh':>8} {'warm':>8}")
+        lines.append(f"  {'':<48} {'fresh':>8} {'warm':>8}")
         for name, fresh, warm in lineage_breakdown(info["path"], info["pair_id"]):
             cells = "".join(f" {t * 1e3:8.1f}" if t == t else f" {'':>8}" for t in (fresh, warm))
-            lines.append(f"  {name:<42}{cells}")
-        lines.append(f"  {'(floor: start + close DuckDB, empty in-memory db)':<42}"
+            lines.append(f"  {name:<48}{cells}")
+        lines.append(f"  {'floor: DuckDB start + close, empty :memory:':<48}"
                      f" {instance_floor() * 1e3:8.1f}")
     if "round_summary" in missed:
         lines.append("\nround_summary parts (median ms):")

@@ -42,3 +42,15 @@ def test_bench_breaks_down_a_missed_target(tmp_path):
     assert "ingest by kind" in out and "judgments" in out
     assert "fresh" in out and "warm" in out and "open + close the catalog" in out
     assert "judgments (prompt_id index, filtered)" in out and "round_summary parts" in out
+    # the floors the misses are explained by, measured in the same run
+    floors = {line.split("[")[0].strip(): line.rsplit(None, 1)[1] for line in out.splitlines()
+              if "judgments]" in line}
+    assert set(floors) == {"Catalog.commit, fresh catalog (indexes, one transaction)",
+                           "DuckDB alone: empty table, no index",
+                           "DuckDB alone, uncompressed storage",
+                           "pyarrow Parquet file (snappy; no catalog, no index)",
+                           "pyarrow Parquet file (none; no catalog, no index)"}
+    assert all(float(v.replace(",", "")) > 0 for v in floors.values())
+    assert "[300 judgments]" in out  # one round at this scale: 50 prompts × 6
+    start = [line for line in out.splitlines() if "floor: DuckDB start + close" in line]
+    assert len(start) == 1 and float(start[0].split()[-1]) > 0

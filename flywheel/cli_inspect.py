@@ -382,8 +382,6 @@ def _judgments(con, prompt_ids: list[str], sample_ids: list[str], judgment_ids: 
     samples, not a scan of all judgments. A judgment id hashes its samples, so the named
     judgments are among those rows; ids that are not (rows edited by hand) are looked up as
     well, by a scan."""
-    if not sample_ids and not judgment_ids:
-        return _q(con, f"SELECT {_JUDGMENT_COLS} FROM judgments WHERE false")
     where, params = _in("prompt_id", prompt_ids)
     cols = [_in(col, sample_ids) for col in ("sample_id", "sample_a", "sample_b")]
     where += " AND (" + " OR ".join(c for c, _ in cols) + ")"

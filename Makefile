@@ -38,4 +38,4 @@ lint: setup
 	$(BIN)/ruff check flywheel flows tests
 
 clean-demo:
-	rm -rf data/flywheel.duckdb data/flywheel.duckdb.wal data/models
+	rm -rf data/flywheel.duckdb data/flywheel.duckdb.wal data/flywheel.duckdb.lock data/models data/.flywheel

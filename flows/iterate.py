@@ -1,7 +1,9 @@
 """Prefect flows over `flywheel.pipeline`: one named task per stage, version ids between them.
 
 Tasks are thin: each calls one plain pipeline function and returns a version id (a short
-string), never data. The round's summary becomes a markdown artifact.
+string), never data. The round's summary becomes a markdown artifact. Under `flywheel iterate`,
+each flow takes SIGTERM back from Prefect's flow engine (`interrupt.reclaim`), so SIGINT and
+SIGTERM stop a flow as they stop the plain pipeline: never inside a commit.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flywheel import pipeline, report
+from flywheel import interrupt, pipeline, report
 from flywheel.config import config_from_dict
 
 
@@ -79,6 +81,7 @@ def round_flow(config: dict, run_id: str, round_: int, pool: list[str], policy: 
                policy_eval: str, base: str, previous_pairs: str | None = None,
                previous_gate: str | None = None) -> dict:
     """One round: prompts -> samples -> judgments -> pairs -> train -> eval -> gate."""
+    interrupt.reclaim()
     ctx = _ctx(config, run_id)
     made = ctx.made
     new = prompts_task(config, run_id, round_, pool, policy)
@@ -103,10 +106,12 @@ def iterate_flow(config: dict, rounds: int = 3, run_id: str | None = None,
                  command: str = "flywheel iterate", continue_rounds: bool = False) -> list[dict]:
     """Rounds 1..`rounds`, each starting from the last promoted model. With `continue_rounds`,
     `rounds` more rounds after those the catalog holds (what a scheduled deployment runs)."""
+    interrupt.reclaim()
     results = []
-    with pipeline.running(config_from_dict(config), run_id, command) as ctx:
+    with pipeline.running(config_from_dict(config), run_id, command) as ctx, \
+            pipeline.resumable(rounds, continue_rounds) as loop_at:
         seeds, base, base_eval = round_zero_task(config, ctx.run_id)
-        loop = pipeline.start_loop(ctx, seeds, base, base_eval)
+        loop = loop_at(pipeline.start_loop(ctx, seeds, base, base_eval))
         while loop.wants(rounds, continue_rounds):
             res = round_flow(config, ctx.run_id, loop.round + 1, loop.pool, loop.policy,
                              loop.policy_eval, loop.base, loop.previous_pairs,

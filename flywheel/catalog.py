@@ -19,7 +19,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -401,8 +401,26 @@ class Catalog:
         self.path = Path(path)
         self.lock_timeout = lock_timeout  # how long a writer waits for the file lock
         self.read_timeout = min(read_timeout, lock_timeout)  # ... and a reader
+        self._verified = False  # see verify()
 
     # -- connections ---------------------------------------------------------------------
+    #: The settings of every read-only connection (`read()`, so `df`, `rows`, `find`, `get`,
+    #: `flywheel sql` and the inspect commands): it reaches the catalog file and nothing else.
+    #: No other file, folder, URL or extension: read_csv / read_text / read_blob / glob /
+    #: COPY ... TO / ATTACH / INSTALL / LOAD fail with DuckDB's permission error. No persistent
+    #: secret is read and nothing spills to a temporary folder (a query that needs more memory
+    #: fails instead). `lock_configuration` comes last: from then on SET, RESET and PRAGMA
+    #: cannot change any setting, so none of this can be turned back on from SQL.
+    READ_CONFIG = {
+        "enable_external_access": False,
+        "autoinstall_known_extensions": False,
+        "autoload_known_extensions": False,
+        "allow_community_extensions": False,
+        "allow_persistent_secrets": False,
+        "temp_directory": "",
+        "lock_configuration": True,
+    }
+
     def _connect(self, read_only: bool) -> duckdb.DuckDBPyConnection:
         """Open the file, retrying while another process holds DuckDB's lock on it (writers
         hold it only for one commit) for up to read_timeout (readers) / lock_timeout
@@ -419,7 +437,7 @@ class Catalog:
         while True:
             try:
                 if read_only:
-                    return duckdb.connect(str(self.path), read_only=True)
+                    return self._connect_read()
                 # Row groups of 30,720 rows (a quarter of DuckDB's default; an ATTACH option,
                 # not stored in the file): a commit of a few ten thousand rows is compressed
                 # by several threads at COMMIT instead of one, and the vacuum where two commits
@@ -441,9 +459,23 @@ class Catalog:
                     ) from exc
                 time.sleep(0.2)
 
+    def _connect_read(self) -> duckdb.DuckDBPyConnection:
+        """The read-only connection, with READ_CONFIG; a file DuckDB cannot read as a
+        database is a clear error (a lock is left to _connect, which waits for it)."""
+        try:
+            return read_connection(self.path)
+        except duckdb.IOException as exc:
+            if "lock" in str(exc).lower():
+                raise
+            raise FlywheelError(f"cannot open the catalog {self.path}: {exc}", details=[
+                "check that --catalog names a catalog made by flywheel (a DuckDB file, "
+                "<workspace>/flywheel.duckdb); a damaged one can be restored from a copy",
+                "nothing was changed"]) from exc
+
     @contextmanager
     def read(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A read-only connection (fails if the file does not exist)."""
+        """A read-only connection that reaches the catalog and nothing else (READ_CONFIG);
+        fails if the file does not exist."""
         if not self.path.is_file():
             raise FlywheelError(
                 f"no catalog at {self.path}",
@@ -455,28 +487,54 @@ class Catalog:
         finally:
             con.close()
 
+    def verify(self) -> None:
+        """Refuse to write to a file DuckDB cannot read: checked once per Catalog, before its
+        first write connection (a read-write open of a damaged file rewrites its header).
+        A missing file is fine (it is created); anything `damage()` finds raises, the file
+        untouched."""
+        if self._verified or not self.path.exists():
+            return
+        problems = damage(self.path)
+        if problems:
+            raise FlywheelError(
+                f"the catalog {self.path} is damaged: nothing was written to it",
+                details=[*problems,
+                         "restore it from a backup (or a copy made before the damage); "
+                         "`flywheel check --catalog PATH` lists what it can read",
+                         "to start afresh instead, point --set workspace=DIR (or --catalog) "
+                         "at a new location; flywheel never deletes or repairs the file"])
+        self._verified = True
+
     @contextmanager
     def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A read-write connection inside one transaction; rolled back on any error."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.verify()
         con = self._connect(read_only=False)
         try:
             con.execute("BEGIN TRANSACTION")
             try:
                 yield con
-                con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                with contextlib.suppress(duckdb.Error):  # the error being raised matters more
+                    con.execute("ROLLBACK")
                 raise
+            try:
+                con.execute("COMMIT")
+            except duckdb.Error as exc:  # nothing of the transaction is in the file
+                raise _storage_error(self.path, exc) from exc
         finally:
             con.close()
 
     def init(self) -> None:
         """Create the schema (idempotent)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.verify()
         con = self._connect(read_only=False)
         try:
             con.execute(SCHEMA)
+        except duckdb.Error as exc:
+            raise _storage_error(self.path, exc) from exc
         finally:
             con.close()
 
@@ -509,24 +567,29 @@ class Catalog:
         parents: Sequence[str],
         params: Mapping[str, Any],
         fp: str,
-        tables: Mapping[str, Any],
+        tables: Mapping[str, Any] | Callable[[duckdb.DuckDBPyConnection], Mapping[str, Any]],
         row_count: int | None = None,
     ) -> Version:
         """Write a version and its rows in one transaction.
 
         `tables` maps table name -> pandas DataFrame of rows (without `version_id`, which is
-        added). If a version with the same fingerprint was committed meanwhile, that one is
-        returned and nothing is written.
+        added); or it is a function that gets the open connection, inside the transaction,
+        and returns that mapping: what it reads there no other writer can change before the
+        rows are in (it runs before `params` is stored, so it may fill in `params`). If a
+        version with the same fingerprint was committed meanwhile, that one is returned and
+        nothing is written.
         """
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}")
         version_id = f"{kind}-r{round}-{fp[:10]}"
-        main = tables.get(TABLES[kind])
-        count = row_count if row_count is not None else (0 if main is None else len(main))
         with self.write() as con:
             hit = con.execute("SELECT * FROM versions WHERE fingerprint = ?", [fp]).fetchall()
             if hit:
                 return _version(hit[0])
+            if callable(tables):
+                tables = tables(con)
+            main = tables.get(TABLES[kind])
+            count = row_count if row_count is not None else (0 if main is None else len(main))
             for table, df in tables.items():
                 if df is None or len(df) == 0:
                     continue
@@ -590,6 +653,85 @@ class Catalog:
         )
 
 
+def read_connection(path: str | Path) -> duckdb.DuckDBPyConnection:
+    """A read-only connection to the catalog file that reaches nothing else: opened with
+    Catalog.READ_CONFIG, then every local file-system access is turned off (the open file
+    stays readable; DuckDB would otherwise still let `COPY ... TO` write the catalog's own
+    `.wal` path, which it allows beside the database), then the configuration is locked."""
+    config = {k: v for k, v in Catalog.READ_CONFIG.items() if k != "lock_configuration"}
+    con = duckdb.connect(str(path), read_only=True, config=config)
+    try:
+        # a second connection in this process shares the first one's (locked) database
+        if not con.execute("SELECT current_setting('lock_configuration')").fetchone()[0]:
+            con.execute("SET disabled_filesystems = 'LocalFileSystem'")
+            con.execute("SET lock_configuration = true")
+        try:  # the catalog's own path is the one DuckDB would still allow
+            con.execute("SELECT count(*) FROM glob(?)", [str(path)]).fetchall()
+        except duckdb.PermissionException:
+            pass
+        else:
+            raise FlywheelError(f"{path} is open in this process without the readers' "
+                                "settings: close that connection first")
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+#: DuckDB's file layout: a 4 KiB main header (magic `DUCK` at byte 8), two 4 KiB database
+#: headers, then fixed-size blocks.
+_HEADER_BYTES = 3 * 4096
+_MAGIC = b"DUCK"
+
+
+def damage(path: str | Path) -> list[str]:
+    """What keeps DuckDB from reading the catalog file in full, cheaply (no table scan): not
+    a DuckDB file, cut short (a column segment lies past the end of the file), or a table
+    whose storage metadata cannot be read. [] for a readable file. `flywheel check` adds a
+    full scan of every row on top of this."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(16)
+    except OSError as exc:
+        return [f"{path}: cannot read it ({exc.strerror})"]
+    if size < _HEADER_BYTES or head[8:12] != _MAGIC:
+        what = "empty (0 bytes)" if size == 0 else f"{size:,} bytes without DuckDB's header"
+        return [f"{path} is not a DuckDB database: {what}"]
+    try:  # the readers' connection: two connections to one file in a process must agree
+        con = read_connection(path)
+    except duckdb.Error as exc:
+        return [f"{path}: DuckDB cannot open it: {exc}"]
+    problems, short = [], {}
+    try:
+        block_size = con.execute("SELECT block_size FROM pragma_database_size()").fetchone()[0]
+        tables = [r[0] for r in con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
+            "ORDER BY 1").fetchall()]
+        for table in tables:
+            try:
+                last = con.execute(
+                    "SELECT max(block_id) FROM pragma_storage_info(?) WHERE persistent",
+                    [table]).fetchone()[0]
+            except duckdb.Error as exc:
+                problems.append(f"table {table}: its storage cannot be read ({exc})")
+                continue
+            need = _HEADER_BYTES + (last + 1) * block_size if last is not None else 0
+            if need > size:
+                short[table] = need
+    except duckdb.Error as exc:
+        problems.append(f"{path}: DuckDB cannot read its tables: {exc}")
+    finally:
+        con.close()
+    if short:
+        problems.insert(0, (
+            f"{path} ends at byte {size:,}, but the data of {len(short)} table(s) "
+            f"({', '.join(sorted(short))}) reaches byte {max(short.values()):,}: the file was "
+            "cut short (copied or restored incompletely, or the disk filled up)"))
+    return problems
+
+
 def _insert(con: duckdb.DuckDBPyConnection, table: str, version_id: str, df) -> None:
     """INSERT the rows of DataFrame `df` into `table`, with `version_id` added.
 
@@ -626,11 +768,34 @@ def _arrow(df):
     return rows if all(flat(f.type) for f in rows.schema) else None
 
 
+def _storage_error(path: Path, exc: duckdb.Error) -> Exception:
+    """A write DuckDB could not store, as a FlywheelError naming the file and the fix when
+    the file system is the cause (permissions, a read-only or full disk); else `exc`."""
+    low = str(exc).lower()
+    if "no space left" in low or "disk is full" in low or "quota" in low:
+        return FlywheelError(f"cannot write the catalog {path}: the disk is full; nothing of "
+                             "this write was stored",
+                             details=["free space (df -h) and run again: finished stages are "
+                                      "reused"])
+    advice = _lock_advice(str(exc), path)
+    if "cannot open file" in low or "permission" in low or "read-only" in low \
+            or "not permitted" in low:
+        return FlywheelError(f"cannot write the catalog {path}: {exc}", details=advice)
+    return exc
+
+
 def _lock_advice(message: str, path: Path) -> list[str]:
     """What to do when the file stays locked: name the process holding it (DuckDB's message
     says `... is held in <program> (PID <n>)`)."""
-    if "lock" not in message.lower():
-        return []
+    low = message.lower()
+    if any(w in low for w in ("permission denied", "read-only file system",
+                              "operation not permitted")):
+        return [f"flywheel cannot write {path} or its folder (a writer also creates "
+                f"{path.name}.wal beside it): check their permissions (ls -ld), or use a "
+                "workspace you can write (--set workspace=DIR)"]
+    if "lock" not in low:
+        return [f"check that {path} is a flywheel catalog; `flywheel check --catalog "
+                f"{path}` tells whether the file is whole"]
     pid = re.search(r"\(PID (\d+)\)", message)
     holder = f"process {pid.group(1)}" if pid else "another process"
     return [f"{holder} holds the lock on {path} (a running `flywheel iterate` holds it for "

@@ -192,9 +192,27 @@ def _depth(text: str) -> int | None:
     try:
         n = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number or `all`: {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"not a number or `all`: {text!r}: give --depth N (levels, 0 or more) or "
+            "--depth all") from None
     if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {n}")
+        raise argparse.ArgumentTypeError(
+            f"must be 0 or more, not {n}: give --depth N (0: no example prompts) or "
+            "--depth all")
+    return n
+
+
+def _limit(text: str) -> int:
+    """--limit: a row count, 0 or more (a negative one would silently print nothing)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a number: {text!r}: give --limit N with N 0 or more") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(
+            f"must be 0 or more, not {n}: give --limit N with N >= 0 (0: no rows), or leave "
+            "--limit out")
     return n
 
 
@@ -212,7 +230,8 @@ def register(sub: argparse._SubParsersAction) -> dict:
                "  flywheel show prompts-r0-0123456789 --csv > prompts.csv",
         formatter_class=_RAW)
     sh.add_argument("version", help="a version id (see `flywheel versions`)")
-    sh.add_argument("--limit", type=int, default=None, help="print at most N rows")
+    sh.add_argument("--limit", type=_limit, default=None,
+                    help="print at most N rows (N >= 0; default: all)")
     _catalog_arg(sh)
     add_output_args(sh)
 
@@ -244,7 +263,7 @@ def register(sub: argparse._SubParsersAction) -> dict:
         formatter_class=_RAW)
     di.add_argument("v1", help="the older version")
     di.add_argument("v2", help="the newer version")
-    di.add_argument("--limit", type=int, default=50,
+    di.add_argument("--limit", type=_limit, default=50,
                     help="list at most N added / removed rows each (default 50)")
     _catalog_arg(di)
     add_output_args(di)
@@ -272,7 +291,7 @@ def cmd_show(args) -> int:
     with cat.read() as con:
         head = _version_or_error(con, args.version, cat)
         kind = head.at[0, "kind"]
-        limit = "" if args.limit is None else f" LIMIT {max(int(args.limit), 0)}"
+        limit = "" if args.limit is None else f" LIMIT {int(args.limit)}"
         rows = _q(con, f"SELECT * FROM {TABLES[kind]} WHERE version_id = ?{limit}",
                   [args.version])
         sections = {"version": head, "rows": rows}

@@ -15,9 +15,11 @@ from flywheel.errors import FlywheelError
 
 _RAW = argparse.RawDescriptionHelpFormatter
 
-#: run_events -> a run's state. A run with no end event is `running` while a live process
-#: holds the workspace lock under its id, `killed` once a later run found its lock left behind,
-#: and `interrupted` otherwise (killed, or stopped, with no later run yet).
+#: run_events -> a run's state. `interrupted`: stopped by SIGINT/SIGTERM (its `interrupted`
+#: event names the round and stage it stopped in, of which nothing was committed). A run with
+#: no end event is `running` while a live process holds the workspace lock under its id,
+#: `killed` once a later run found its lock left behind, and `interrupted` otherwise (killed,
+#: or stopped, with no later run yet).
 _RUNS_SQL = """
 WITH ev AS (SELECT *, row_number() OVER (PARTITION BY run_id ORDER BY event_at DESC,
                                           event DESC) AS rn
@@ -28,7 +30,9 @@ made AS (SELECT run_id, count(*) AS versions_made FROM versions GROUP BY run_id)
 rounds AS (SELECT run_id, max(round) AS last_round FROM run_events WHERE event = 'round'
            GROUP BY run_id)
 SELECT r.run_id, r.started_at, e.event AS last_event, e.event_at AS last_event_at,
-       ls.round AS stage_round, ls.stage, coalesce(m.versions_made, 0) AS versions_made,
+       CASE WHEN e.event = 'interrupted' THEN e.round ELSE ls.round END AS stage_round,
+       CASE WHEN e.event = 'interrupted' THEN e.stage ELSE ls.stage END AS stage,
+       coalesce(m.versions_made, 0) AS versions_made,
        rd.last_round, e.detail, r.command
 FROM runs r
 LEFT JOIN ev e ON e.run_id = r.run_id AND e.rn = 1
@@ -78,9 +82,22 @@ def register(sub: argparse._SubParsersAction) -> dict:
                "  flywheel status --catalog /mnt/runs/exp1/flywheel.duckdb",
         formatter_class=_RAW)
     st.add_argument("--catalog", default="data/flywheel.duckdb", help="the DuckDB file")
-    st.add_argument("--runs", type=int, default=10, help="show the newest N runs (default 10)")
+    st.add_argument("--runs", type=_count, default=10,
+                    help="show the newest N runs (default 10)")
     add_output_args(st)
     return {"status": cmd_status}
+
+
+def _count(text: str) -> int:
+    """--runs N: a whole number, 0 or more."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count: give 0 or more, e.g. "
+                                         "--runs 20")
+    return n
 
 
 def status(catalog_path: str, runs: int = 10) -> dict:
@@ -120,6 +137,10 @@ def status(catalog_path: str, runs: int = 10) -> dict:
         p = cat.df("SELECT path FROM models WHERE version_id = ?", [policy])
         policy_path = p.path.iloc[0] if len(p) else None
     failure = cat.df(_FAILURE_SQL)
+    from flywheel.cli_check import missing_checkpoints
+
+    missing = pd.DataFrame(missing_checkpoints(cat), columns=["version_id", "round", "path"])
+    n_models = int(cat.df("SELECT count(*) AS n FROM models").n.iloc[0])
     workspace = pd.DataFrame([{
         "catalog": str(catalog_path),
         "lock": (f"held by {holder.describe()}" if locked and holder
@@ -130,8 +151,16 @@ def status(catalog_path: str, runs: int = 10) -> dict:
         "promoted": int((rounds.decision == "promoted").sum()),
         "rejected": int((rounds.decision == "rejected").sum()),
         "runs": int(cat.df("SELECT count(*) AS n FROM runs").n.iloc[0]),
+        "checkpoints": (f"all {n_models} present" if missing.empty else
+                        f"MISSING {len(missing)} of {n_models}: "
+                        + ", ".join(missing.version_id)
+                        + " (restore them from a backup; `flywheel check` for details)"),
     }])
-    return {"workspace": workspace, "rounds": rounds, "runs": run_df, "last failure": failure}
+    sections = {"workspace": workspace, "rounds": rounds, "runs": run_df,
+                "last failure": failure}
+    if not missing.empty:
+        sections["missing checkpoints"] = missing
+    return sections
 
 
 def _state(last_event, run_id, locked, holder) -> str:
@@ -141,6 +170,8 @@ def _state(last_event, run_id, locked, holder) -> str:
         return "failed"
     if last_event == "killed":
         return "killed"
+    if last_event == "interrupted":
+        return "interrupted"
     if locked and holder is not None and holder.run_id == run_id:
         return "running"
     return "interrupted"

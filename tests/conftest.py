@@ -3,6 +3,7 @@ a helper that runs the real `flywheel` CLI in a subprocess."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -55,3 +56,30 @@ def tiny_catalog(tiny_model, tmp_path_factory) -> Path:
                    "--set", "pairs.require_agreement=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return ws / "flywheel.duckdb"
+
+
+def catalog_state(path: Path) -> dict:
+    """What a bad input must leave unchanged: the bytes of the catalog file (and of its WAL,
+    if any) and, where DuckDB can read it, every table's row count. A missing file is
+    `{"exists": False}`."""
+    path = Path(path)
+    if not path.exists():
+        return {"exists": False}
+    state = {"exists": True, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    wal = Path(str(path) + ".wal")
+    state["wal"] = hashlib.sha256(wal.read_bytes()).hexdigest() if wal.exists() else None
+    try:
+        import duckdb
+
+        con = duckdb.connect(str(path), read_only=True)
+        try:
+            tables = [r[0] for r in con.execute(
+                "SELECT table_name FROM information_schema.tables "
+                "WHERE table_type = 'BASE TABLE' ORDER BY 1").fetchall()]
+            state["rows"] = {t: con.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0]
+                             for t in tables}
+        finally:
+            con.close()
+    except Exception as exc:  # a damaged file: its bytes are what must not change
+        state["rows"] = f"unreadable: {type(exc).__name__}"
+    return state

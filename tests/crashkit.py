@@ -9,6 +9,7 @@ session outlives the run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +65,9 @@ def start(args: list[str], *, fault: str | None = None) -> tuple[subprocess.Pope
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
     env.pop("FLYWHEEL_FAULT", None)
+    # every process the run starts inherits this mark, even one in a session of its own
+    # (Prefect's temporary server is): leftovers are found by it
+    env["FLYWHEEL_CRASHKIT_RUN"] = marker = uuid.uuid4().hex
     if fault:
         env["FLYWHEEL_FAULT"] = fault
     out = Path(tempfile.mkdtemp(prefix="flywheel-run-"))
@@ -70,7 +75,24 @@ def start(args: list[str], *, fault: str | None = None) -> tuple[subprocess.Pope
         proc = subprocess.Popen([sys.executable, "-m", "flywheel.cli", *args], cwd=ROOT,
                                 stdout=so, stderr=se, env=env, start_new_session=True)
     proc.t0 = time.perf_counter()  # type: ignore[attr-defined]
+    proc.marker = marker  # type: ignore[attr-defined]
     return proc, out
+
+
+def _marked(marker: str) -> list[int]:
+    """The live processes (zombies aside) whose environment holds the run's mark."""
+    needle = f"FLYWHEEL_CRASHKIT_RUN={marker}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0") \
+                    and " Z " not in (entry / "stat").read_text().split(")", 1)[-1][:4]:
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
 
 
 def _session_alive(pgid: int) -> bool:
@@ -91,9 +113,14 @@ def finish(proc: subprocess.Popen, out: Path, timeout: float = 600) -> Run:
         wall = time.perf_counter() - proc.t0  # type: ignore[attr-defined]
         # children told to die with their parent (PR_SET_PDEATHSIG) take a moment to exit
         drain = time.monotonic() + 10
-        while proc.poll() is not None and _session_alive(proc.pid) and time.monotonic() < drain:
+        marker = proc.marker  # type: ignore[attr-defined]
+        while proc.poll() is not None and (_session_alive(proc.pid) or _marked(marker)) \
+                and time.monotonic() < drain:
             time.sleep(0.1)
-        leftovers = _session_alive(proc.pid)
+        leftovers = _session_alive(proc.pid) or bool(_marked(marker))
+        for pid in _marked(marker):  # outside the run's session: killed one by one
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         if proc.poll() is None or leftovers:
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 try:

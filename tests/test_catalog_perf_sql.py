@@ -165,9 +165,13 @@ def test_pair_lineage_equals_reference(con):
               con.execute(f"SELECT * FROM ({REF_PAIR_LINEAGE}) WHERE pair_id = ?", [pid]).df())
 
 
-def test_pair_lineage_of_one_pair_is_index_lookups(con, built):
+def test_pair_lineage_of_one_pair_is_index_lookups(built):
     """`WHERE pair_id = ?` reads a handful of rows, not the tables (the plan shape that keeps
-    the filter below DuckDB's flattened subqueries is easy to lose)."""
+    the filter below DuckDB's flattened subqueries is easy to lose). A plain read-only
+    connection: the catalog's readers lock their configuration, profiling included."""
+    import duckdb
+
+    con = duckdb.connect(str(built["path"]), read_only=True)
     sizes = dict(con.execute("SELECT 'judgments', count(*) FROM judgments UNION ALL "
                              "SELECT 'prompts', count(*) FROM prompts UNION ALL "
                              "SELECT 'pairs', count(*) FROM pairs").fetchall())
@@ -180,6 +184,7 @@ def test_pair_lineage_of_one_pair_is_index_lookups(con, built):
                           [built["pair_id"]]).fetchall()
     finally:
         con.execute("PRAGMA disable_profiling")
+        con.close()
     assert len(row) == 1
     scanned = json.loads(out.read_text())["query"]["total_rows_scanned"]
     assert scanned < 200, f"{scanned} rows scanned for one pair: a table is scanned"
@@ -235,7 +240,7 @@ def test_lineage_cli_depth_option(built, capsys):
     assert out.err == ""
     with pytest.raises(SystemExit):
         main(["lineage", built["pair_id"], "--catalog", path, "--depth", "-1"])
-    assert "must be >= 0" in capsys.readouterr().err
+    assert "must be 0 or more, not -1" in capsys.readouterr().err
 
 
 def _frames() -> dict[str, pd.DataFrame]:

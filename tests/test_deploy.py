@@ -99,10 +99,10 @@ def test_project_root_holds_the_flow():
 
 
 @pytest.fixture
-def fake_model(tmp_path) -> Path:
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "config.json").write_text("{}")  # enough for the preflight check
-    return tmp_path / "model"
+def fake_model(tiny_model) -> Path:
+    """A checkpoint preflight accepts (the tiny random Llama): deploy checks it before the
+    server."""
+    return tiny_model
 
 
 def _deploy_cli(tmp_path, *args, api_url=""):

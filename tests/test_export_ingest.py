@@ -12,7 +12,7 @@ from flywheel.catalog import Catalog, prompt_id
 from flywheel.cli import main
 from flywheel.promptfile import load_prompt_file
 from flywheel.stages.prompts import seed_rows
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, catalog_state, run_cli
 
 SEEDS = ROOT / "data" / "seed_prompts.jsonl"
 
@@ -152,6 +152,134 @@ def test_bad_ingest_input_exits_2_and_writes_nothing(ws, tmp_path, capsys, name,
     assert _state(ws) == before
 
 
+# -- ingest refusals, through the real CLI -----------------------------------------------------
+BIG = ("word " * 210_000).strip()  # a 1 MB prompt
+
+
+def _files(tmp):
+    """The input files the cases use (written before the snapshot that must not change)."""
+    (tmp / "new.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in NEW))
+    (tmp / "big.jsonl").write_text(json.dumps({"prompt": NEW[0]}) + "\n"
+                                   + json.dumps({"prompt": BIG}) + "\n")
+    pd.DataFrame({"prompt": [NEW[0], BIG]}).to_csv(tmp / "big.csv", index=False)
+    pd.DataFrame({"prompt": [NEW[0], BIG]}).to_parquet(tmp / "big.parquet", index=False)
+    (tmp / "long.jsonl").write_text(json.dumps({"prompt": "Tell me why. " * 29 + "Why?"})
+                                    + "\n")
+    (tmp / "limit.yaml").write_text("prompts:\n  max_prompt_tokens: 50\n")
+    (tmp / "bad.jsonl").write_text('{"prompt": "What is rain?"}\n{"prompt": "broken",\n')
+    (tmp / "badrow.csv").write_text('prompt,category\n"ok",x\n,y\n')
+    (tmp / "notes.txt").write_text("a file\n")
+
+
+INGEST_REFUSALS = [
+    # (case, arguments after FILE ({tmp}, {ws} filled in), file, run in ROOT, message parts)
+    ("catalog missing, no --create", ["--catalog", "{tmp}/new/sub/x.duckdb"], "new.jsonl",
+     False, ["no catalog at {tmp}/new/sub/x.duckdb", "pass --create",
+             "and the folder {tmp}/new/sub"]),
+    ("workspace missing, no --create", ["--workspace", "{tmp}/elsewhere"], "new.jsonl", False,
+     ["no catalog at {tmp}/elsewhere/flywheel.duckdb", "pass --create"]),
+    ("config's workspace missing", ["--set", "workspace={tmp}/w2"], "new.jsonl", False,
+     ["no catalog at {tmp}/w2/flywheel.duckdb", "pass --create"]),
+    ("catalog is a folder", ["--catalog", "{ws}"], "new.jsonl", False,
+     ["{ws} is a folder, not a catalog file", "--workspace {ws}"]),
+    ("catalog under a file", ["--catalog", "{tmp}/notes.txt/x.duckdb", "--create"],
+     "new.jsonl", False, ["{tmp}/notes.txt is a file", "check the path"]),
+    ("1 MB prompt in a CSV", ["--workspace", "{ws}"], "big.csv", True,
+     ["big.csv line 3: the prompt is at least", "tokens, over the limit of 1,024",
+      "shorten it, or raise the limit with --set prompts.max_prompt_tokens=N"]),
+    ("1 MB prompt in a JSONL", ["--workspace", "{ws}"], "big.jsonl", True,
+     ["big.jsonl line 2: the prompt is at least", "tokens, over the limit of 1,024",
+      "shorten it"]),
+    ("1 MB prompt in a Parquet file, no tokenizer", ["--workspace", "{ws}"], "big.parquet",
+     False, ["big.parquet row 2: the prompt is 1,049,999 UTF-8 bytes", "shorten it"]),
+    ("limit from --config", ["--workspace", "{ws}", "--config", "{tmp}/limit.yaml"],
+     "long.jsonl", False,
+     ["long.jsonl line 1: the prompt is 381 UTF-8 bytes", "over the limit of 50",
+      "--set prompts.max_prompt_tokens=N"]),
+    ("negative --wait", ["--workspace", "{ws}", "--wait", "-1"], "new.jsonl", False,
+     ["--wait -1.0", "0 or more"]),
+    ("unknown --set key", ["--workspace", "{ws}", "--set", "prompts.max_promt_tokens=5"],
+     "new.jsonl", False, ["prompts.max_promt_tokens: unknown key",
+                          "did you mean 'prompts.max_prompt_tokens'?"]),
+    ("--config not found", ["--workspace", "{ws}", "--config", "{tmp}/none.yaml"],
+     "new.jsonl", False, ["none.yaml: config file not found", "pass an existing YAML file"]),
+    ("eval file from the config not found",
+     ["--workspace", "{ws}", "--set", "eval.prompts_file={tmp}/gone.jsonl"], "new.jsonl",
+     False, ["held-out eval file not found: {tmp}/gone.jsonl (from eval.prompts_file)",
+             "give the right one with --eval-file"]),
+    ("dedupe threshold 0", ["--workspace", "{ws}", "--dedupe-threshold", "0"], "new.jsonl",
+     False, ["--dedupe-threshold 0.0", "give a value in (0, 1]"]),
+    ("broken JSONL line", ["--workspace", "{ws}"], "bad.jsonl", False,
+     ["bad.jsonl line 2: not valid JSON", "each line must be one JSON object"]),
+    ("CSV row without a prompt", ["--workspace", "{ws}"], "badrow.csv", False,
+     ["badrow.csv line 3: prompt is empty", "remove the row"]),
+    ("file not found", ["--workspace", "{ws}"], "gone.csv", False,
+     ["prompt file not found: {tmp}/gone.csv", "check the path"]),
+]
+
+
+@pytest.mark.badinput
+@pytest.mark.parametrize("case,args,name,in_root,expect", INGEST_REFUSALS,
+                         ids=[c[0] for c in INGEST_REFUSALS])
+def test_ingest_refusal_changes_nothing(ws, tmp_path, case, args, name, in_root, expect):
+    """Refused before anything is written: no catalog, folder or lock file appears, and the
+    catalog is unchanged. In ROOT the default policy's tokenizer counts tokens; elsewhere
+    UTF-8 bytes stand in."""
+    from tests.test_export_safety import snapshot
+
+    tmp = tmp_path / "in"
+    tmp.mkdir()
+    _files(tmp)
+
+    def fill(text: str) -> str:
+        return text.replace("{tmp}", str(tmp)).replace("{ws}", str(ws))
+
+    before, state = snapshot(tmp_path), catalog_state(ws / "flywheel.duckdb")
+    proc = run_cli("ingest", str(tmp / name), *map(fill, args), cwd=ROOT if in_root else tmp,
+                   timeout=300)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    for part in map(fill, expect):
+        assert part in proc.stderr, proc.stderr
+    assert snapshot(tmp_path) == before
+    assert catalog_state(ws / "flywheel.duckdb") == state
+
+
+def test_ingest_create_starts_a_catalog_and_its_folders(tmp_path, capsys):
+    f = tmp_path / "new.jsonl"
+    f.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in NEW))
+    db = tmp_path / "new" / "sub" / "x.duckdb"
+    assert main(["ingest", str(f), "--catalog", str(db)]) == 2
+    assert not (tmp_path / "new").exists()
+    assert main(["ingest", str(f), "--catalog", str(db), "--create"]) == 0
+    assert "added 3 prompts" in capsys.readouterr().out
+    assert len(Catalog(db).df("SELECT * FROM prompts")) == 3
+
+
+def test_ingest_defaults_come_from_the_config(ws, tmp_path, capsys):
+    """--config sets the catalog (workspace), the dedupe threshold and the held-out file; the
+    flags still override it."""
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps({"prompt": NEW[2]}) + "\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"workspace: {ws}\nprompts:\n  dedupe_threshold: 1.0\n"
+                   f"eval:\n  prompts_file: {held}\n")
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps({"prompt": p}) + "\n"
+                         for p in [NEW[0], NEW[0] + "!", NEW[2]]))
+    assert main(["ingest", str(f), "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    # threshold 1.0: the near-copy stays; the held-out prompt (from the config) is dropped
+    assert "added 2 prompts" in out and "1 held-out eval prompts" in out
+    (v,) = _ingested(ws)
+    assert json.loads(v["params"])["dedupe_threshold"] == 1.0
+    g = tmp_path / "q.jsonl"
+    g.write_text(json.dumps({"prompt": NEW[1]}) + "\n" + json.dumps({"prompt": NEW[1] + "?"})
+                 + "\n")
+    assert main(["ingest", str(g), "--config", str(cfg), "--dedupe-threshold", "0.6"]) == 0
+    assert "added 1 prompts" in capsys.readouterr().out
+
+
 def test_ingest_help_has_example():
     for cmd in ("ingest", "export"):
         proc = run_cli(cmd, "--help", timeout=60)
@@ -270,7 +398,7 @@ def test_next_round_draws_from_ingested_prompts(tiny_model, tmp_path):
     ws = tmp_path / "ws"
     f = tmp_path / "prod.jsonl"
     f.write_text("\n".join(json.dumps({"prompt": t}) for t in NEW) + "\n")
-    assert _ingest(ws, f, "--source", "prod") == 0
+    assert _ingest(ws, f, "--source", "prod", "--create") == 0
     (ingested,) = _ingested(ws)
     proc = run_cli("iterate", "--rounds", "1", "--no-prefect", "--config", "configs/tiny.yaml",
                    "--set", f"models.policy={tiny_model}", "--set", f"workspace={ws}")

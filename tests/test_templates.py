@@ -96,8 +96,10 @@ def test_pairwise_renders_a_before_b() -> None:
     for token in ("[[A]]", "[[B]]", "[[C]]"):
         assert token in text
     assert "position" in text and "length" in text
-    # The instructions list the verdict formats; the last one mentioned is the tie.
-    assert parse_pairwise(text.split("[User Question]")[0]).value == "C"
+    # The instructions list all three verdict formats in one paragraph: read as a verdict,
+    # that paragraph is ambiguous, never a tie.
+    r = parse_pairwise(text.split("[User Question]")[0])
+    assert not r.ok and r.error.startswith("ambiguous")
 
 
 def test_no_autoescape() -> None:

@@ -20,6 +20,20 @@ class Generation:
     completion_tokens: int
 
 
+@dataclass(frozen=True)
+class Overflow:
+    """A conversation too long for the model: its prompt leaves no room for the reply."""
+
+    tokens: int  # the prompt's tokens, chat template included
+    context: int  # the model's context length (positions it can attend to)
+    reserved: int  # tokens kept for the reply (max_new_tokens, plus any forced prefix)
+
+    @property
+    def limit(self) -> int:
+        """The longest prompt that fits: the context less the reply's tokens."""
+        return self.context - self.reserved
+
+
 class Backend(Protocol):
     """What every backend offers the stages."""
 
@@ -55,6 +69,18 @@ class Backend(Protocol):
 
         Returns (raw generated text, rationale kept before any verdict `stop` finds, probs).
         """
+        ...
+
+    def overflows(
+        self,
+        model: str,
+        conversations: list[Conversation],
+        *,
+        max_new_tokens: int,
+        forced_prefix: str = "",
+    ) -> list[Overflow | None]:
+        """Per conversation, None when its prompt plus `max_new_tokens` (and `forced_prefix`)
+        fits the model's context, else the `Overflow` (nothing is generated)."""
         ...
 
     def release(self) -> None:

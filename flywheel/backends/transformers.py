@@ -10,7 +10,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from flywheel.backends import Conversation, Generation
+from flywheel import interrupt
+from flywheel.backends import Conversation, Generation, Overflow
 from flywheel.errors import FlywheelError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,6 +63,30 @@ class TransformersBackend:
             texts = [t + p for t, p in zip(texts, prefixes)]
         return tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
 
+    @staticmethod
+    def context_length(mdl, tok) -> int | None:
+        """Positions the model can attend to: the smallest limit its config or tokenizer
+        states (a tokenizer's "no limit" placeholder is ignored); None when none does."""
+        sizes = [getattr(mdl.config, name, None) for name in (
+            "max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")]
+        sizes.append(getattr(tok, "model_max_length", None))
+        sizes = [s for s in sizes if isinstance(s, int) and 0 < s < 10**8]
+        return min(sizes) if sizes else None
+
+    def overflows(self, model: str, conversations: list[Conversation], *, max_new_tokens: int,
+                  forced_prefix: str = "") -> list[Overflow | None]:
+        if not conversations:
+            return []
+        mdl, tok = self.load(model)
+        context = self.context_length(mdl, tok)
+        if context is None:
+            return [None] * len(conversations)
+        reserved = max_new_tokens + len(tok.encode(forced_prefix, add_special_tokens=False))
+        texts = tok.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)
+        lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+        return [Overflow(n, context, reserved) if n + reserved > context else None
+                for n in lengths]
+
     def _batches(self, tok, items: list[Conversation]) -> list[list[int]]:
         """Indices of `items` grouped into batches of similar length (longest first)."""
         lengths = [len(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
@@ -82,6 +107,7 @@ class TransformersBackend:
         bar = tqdm(total=len(items), desc=desc, unit="seq", disable=not self.progress,
                    leave=False)
         for b, idx in enumerate(self._batches(tok, items)):
+            interrupt.check()  # a stop (SIGINT/SIGTERM) requested: stop between batches
             enc = self._encode(tok, [items[i] for i in idx]).to(self.device)
             torch.manual_seed(seed * 100_003 + b)
             kwargs = dict(do_sample=sample, max_new_tokens=max_new_tokens,
@@ -118,6 +144,7 @@ class TransformersBackend:
                    leave=False)
         gen = torch.Generator().manual_seed(seed)
         for idx in self._batches(tok, conversations):
+            interrupt.check()  # a stop (SIGINT/SIGTERM) requested: stop between batches
             enc = self._encode(tok, [conversations[i] for i in idx]).to(self.device)
             rows = self._decode_with_cache(mdl, tok, enc, eos, max_new_tokens, temperature, gen,
                                            stop, prefix_ids)

@@ -3,9 +3,14 @@ pairwise in both orders.
 
 Modes: `pointwise` (additive 5-point rubric, k samples averaged), `pairwise` (round-robin, each
 comparison judged in both orders), `hybrid` (pointwise ranking, then the best-vs-worst pair
-judged pairwise in both orders). Verdicts are parsed from the judge's text (last match), or read
-from the judge's next-token probabilities after its rationale (`verdict: logprobs`). Every raw
-output is kept with its parsed result; an unparseable one is flagged, never scored.
+judged pairwise in both orders). Verdicts are parsed from the judge's text (the rules of
+`flywheel.parsing`: quoted text and echoes of the judged responses ignored, the last verdict
+counts, different verdicts in its paragraph are ambiguous), or read from the judge's next-token
+probabilities after its rationale (`verdict: logprobs`; NaN or infinite ones are flagged). A
+judge input that does not fit the judge's context with room for its reply is not sent: it
+becomes a flagged judgment saying so. Every raw output is kept with its parsed result; an
+unparseable, ambiguous or unsent one is flagged (`parsed` false, `error` says why), never
+scored.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from flywheel.backends import Overflow
 from flywheel.catalog import stable_id
 from flywheel.constraints import verify
 from flywheel.parsing import (
@@ -76,9 +82,55 @@ def clean_rationale(text: str) -> str:
     return (text[: m.start()] if m else text).strip()
 
 
+def too_long_error(overflow: Overflow, kind: str) -> str:
+    """Why a judge input was not sent, and what to change."""
+    why = (f"input is {overflow.tokens} tokens, over the judge's context of "
+           f"{max(overflow.limit, 0)} ({overflow.context} less {overflow.reserved} for its "
+           "reply): not sent to the judge; ")
+    if overflow.limit <= 0:
+        return why + (f"the reply alone fills the context: set judge.max_new_tokens below "
+                      f"{overflow.context}, or use a judge with a longer context")
+    return why + ("shorten the answers (sampling.max_new_tokens, eval.max_new_tokens), lower "
+                  f"judge.max_new_tokens, use judge.{kind}_template: {kind}_brief.j2, or a "
+                  "judge with a longer context")
+
+
+def over_context(rows: pd.DataFrame | list[dict]) -> list[str]:
+    """The errors of the judgments not sent to the judge because their input was too long."""
+    df = pd.DataFrame(rows, columns=JUDGMENT_COLUMNS)
+    return list(df.error[df.error.fillna("").str.startswith("input is ") & (df.raw == "")])
+
+
 def ask_judge(backend, judge: Judge, conversations: list[list[dict]], kind: str, cfg,
-              seed: int) -> list[list[tuple[str, Parsed, dict | None]]]:
-    """`cfg.samples` (raw, parsed, probs) per conversation, by text parsing or forced verdict."""
+              seed: int, shown: list[list[str]] | None = None
+              ) -> list[list[tuple[str, Parsed, dict | None]]]:
+    """`cfg.samples` (raw, parsed, probs) per conversation, by text parsing or forced verdict.
+
+    `shown`: per conversation, the responses the judge is shown (their own verdicts are not
+    the judge's). A conversation too long for the judge's context is not sent: its results
+    are empty outputs flagged with the reason.
+    """
+    k = cfg.samples if kind == "pointwise" else 1
+    shown = shown if shown is not None else [[] for _ in conversations]
+    check = getattr(backend, "overflows", None)  # a backend that cannot count sends everything
+    prefix = FORCED_PREFIX[kind] if cfg.verdict == "logprobs" else ""
+    overflow = (check(judge.path, conversations, max_new_tokens=cfg.max_new_tokens,
+                      forced_prefix=prefix) if check and conversations
+                else [None] * len(conversations))
+    send = [i for i, o in enumerate(overflow) if o is None]
+    out: list = [[("", Parsed(None, False, too_long_error(o, kind), ""), None)] * k
+                 if o is not None else None for o in overflow]
+    if send:
+        results = _ask(backend, judge, [conversations[i] for i in send], kind, cfg, seed,
+                       [shown[i] for i in send])
+        for i, result in zip(send, results, strict=True):
+            out[i] = result
+    return out
+
+
+def _ask(backend, judge: Judge, conversations: list[list[dict]], kind: str, cfg, seed: int,
+         shown: list[list[str]]) -> list[list[tuple[str, Parsed, dict | None]]]:
+    """`ask_judge` for conversations that fit the judge's context."""
     k = cfg.samples if kind == "pointwise" else 1
     temperature = cfg.temperature if k > 1 else 0.0
     if cfg.verdict == "text":
@@ -86,7 +138,8 @@ def ask_judge(backend, judge: Judge, conversations: list[list[dict]], kind: str,
                                 top_p=1.0, max_new_tokens=cfg.max_new_tokens, seed=seed,
                                 desc=f"judge {kind}")
         parse = parse_score if kind == "pointwise" else parse_pairwise
-        return [[(g.text, parse(g.text), None) for g in row] for row in gens]
+        return [[(g.text, parse(g.text, shown=responses), None) for g in row]
+                for row, responses in zip(gens, shown, strict=True)]
     keys = list(SCORE_KEYS if kind == "pointwise" else VERDICT_KEYS)
     flat = [c for c in conversations for _ in range(k)]
     results = backend.rationale_then_probs(
@@ -107,7 +160,7 @@ def _forced(kind: str, probs: dict[str, float], rationale: str) -> Parsed:
     try:
         value = score_from_probs(probs) if kind == "pointwise" else verdict_from_probs(probs)
     except ValueError as exc:
-        return Parsed(None, False, f"no probability on any verdict token ({exc})", rationale)
+        return Parsed(None, False, f"unusable verdict probabilities: {exc}", rationale)
     return Parsed(value, True, None, rationale)
 
 
@@ -126,8 +179,9 @@ def pointwise_judgments(backend, judge: Judge, prompts: pd.DataFrame, samples: p
                                                  response=s.text)}] for s in todo.itertuples()]
     thash = template_hash(cfg.pointwise_template)
     rows = []
+    shown = [[s.text] for s in todo.itertuples()]
     for s, results in zip(todo.itertuples(), ask_judge(backend, judge, convs, "pointwise", cfg,
-                                                       seed)):
+                                                       seed, shown)):
         for k, (raw, parsed, probs) in enumerate(results):
             rows.append(_row(
                 judgment_id="j_" + stable_id(salt, "pointwise", s.sample_id, k), type="pointwise",
@@ -152,8 +206,9 @@ def pairwise_judgments(backend, judge: Judge, prompts: pd.DataFrame, samples: pd
         response_b=text[b])}] for a, b, _ in ordered]
     thash = template_hash(cfg.pairwise_template)
     rows = []
+    shown = [[text[a], text[b]] for a, b, _ in ordered]
     for (a, b, swapped), [(raw, parsed, probs)] in zip(
-            ordered, ask_judge(backend, judge, convs, "pairwise", cfg, seed)):
+            ordered, ask_judge(backend, judge, convs, "pairwise", cfg, seed, shown)):
         comparison = "c_" + stable_id(salt, *sorted((a, b)))
         winner = {"A": a, "B": b}.get(parsed.value) if parsed.ok else None
         rows.append(_row(

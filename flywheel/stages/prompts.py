@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -105,8 +106,14 @@ def self_instruct_requests(pool: pd.DataFrame, cfg, rng: random.Random,
 
 def accept_tasks(raw_outputs: list[str], example_ids: list[list[str]], pool_texts: list[str],
                  blocked_texts: list[str], cfg, rng: random.Random,
-                 source_ref: str) -> tuple[pd.DataFrame, dict]:
-    """Parse, filter, dedupe and constrain generated tasks; returns rows and rejection counts."""
+                 source_ref: str, fits: Callable[[str], bool] | None = None
+                 ) -> tuple[pd.DataFrame, dict]:
+    """Parse, filter, dedupe and constrain generated tasks; returns rows and rejection counts.
+
+    `fits` says whether a finished prompt (task and constraint sentences) is within
+    `prompts.max_prompt_tokens` in the policy's tokens; prompts that are not are dropped and
+    counted as `over_max_prompt_tokens`. None: no token limit is applied.
+    """
     index = NearDuplicateIndex(cfg.dedupe_threshold)
     for t in pool_texts + blocked_texts:
         index.add(t)
@@ -123,12 +130,15 @@ def accept_tasks(raw_outputs: list[str], example_ids: list[list[str]], pool_text
         if reason:
             stats[reason] += 1
             continue
-        index.add(task)
         constraints = []
         if cfg.constraint_prob > 0 and rng.random() < cfg.constraint_prob:
             k = rng.randint(1, cfg.max_constraints)
             constraints = sample_constraints(rng, k, cfg.constraint_types or None)
         text = (task + " " + describe_constraints(constraints)).strip() if constraints else task
+        if fits is not None and not fits(text):
+            stats["over_max_prompt_tokens"] += 1
+            continue
+        index.add(task)
         rows.append({"prompt_id": prompt_id(text), "text": text, "gold": None,
                      "constraints": json.dumps(constraints), "category": None,
                      "source": "self-instruct", "source_ref": source_ref, "examples": shots,

@@ -102,6 +102,23 @@ def _fault_callback():
     return Fault()
 
 
+def _stop_callback():
+    """Stop training between steps once SIGINT/SIGTERM asked the run to stop (see
+    flywheel.interrupt): the adapter is not merged, the model not committed."""
+    from transformers import TrainerCallback
+
+    from flywheel import interrupt
+
+    class Stop(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            interrupt.check()
+
+        def on_step_end(self, args, state, control, **kw):
+            interrupt.check()
+
+    return Stop()
+
+
 def train_lora(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str], cfg,
                out_dir: str | Path, *, seed: int, device: str = "cpu",
                progress: bool = True, ref_path: str | None = None, log=print) -> dict:
@@ -156,6 +173,7 @@ def train_lora(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
     trainer.remove_callback(PrinterCallback)  # no log dicts on stdout: the bar shows the loss
     trainer.add_callback(_progress_callback(progress))
     trainer.add_callback(_fault_callback())
+    trainer.add_callback(_stop_callback())
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     metrics = _metrics(trainer.state.log_history, resumed=resume is not None)
     merged = trainer.model.merge_and_unload()

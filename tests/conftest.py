@@ -83,3 +83,64 @@ def catalog_state(path: Path) -> dict:
     except Exception as exc:  # a damaged file: its bytes are what must not change
         state["rows"] = f"unreadable: {type(exc).__name__}"
     return state
+
+
+def prompt_rows(texts, *, source_ref: str = "x"):
+    """Prompts rows (a DataFrame) of the given texts, ids `p_<text>`."""
+    import pandas as pd
+
+    return pd.DataFrame([{
+        "prompt_id": f"p_{t}", "text": t, "gold": None, "constraints": "[]", "category": None,
+        "source": "seed", "source_ref": f"{source_ref}:{i}", "examples": [], "raw": None}
+        for i, t in enumerate(texts)])
+
+
+def one_version_catalog(path: Path):
+    """A catalog at `path` that already holds one prompts version (nothing may be lost)."""
+    from flywheel.catalog import Catalog
+
+    cat = Catalog(path)
+    cat.init()
+    rows = prompt_rows(["hello"]).assign(prompt_id="p_1", source_ref="x:1")
+    cat.commit(kind="prompts", run_id="r0", round=0, parents=[], params={"x": 1},
+               fp="f" * 20, tables={"prompts": rows})
+    return cat
+
+
+def two_rounds_of_prompts(path: Path):
+    """A catalog at `path` with two prompts versions: round 0 (hello, world), round 1 (hello,
+    again)."""
+    from flywheel.catalog import Catalog
+
+    cat = Catalog(path)
+    cat.init()
+    for round_, texts in ((0, ["hello", "world"]), (1, ["hello", "again"])):
+        cat.commit(kind="prompts", run_id="r0", round=round_, parents=[], params={"r": round_},
+                   fp=f"{round_}" * 20, tables={"prompts": prompt_rows(texts)})
+    return cat
+
+
+def pairs_catalog(path: Path):
+    """A catalog at `path` with 3 seed prompts and 3 pairs on them: (catalog, pairs version,
+    prompts version)."""
+    import pandas as pd
+
+    from flywheel.catalog import Catalog
+    from flywheel.promptfile import load_prompt_file
+    from flywheel.stages.prompts import seed_rows
+
+    seeds = ROOT / "data" / "seed_prompts.jsonl"
+    cat = Catalog(path)
+    cat.init()
+    prompts = seed_rows(load_prompt_file(seeds), str(seeds)).head(3)
+    pv = cat.commit(kind="prompts", run_id="r", round=0, parents=[], params={}, fp="p" * 20,
+                    tables={"prompts": prompts})
+    pairs = pd.DataFrame([{"pair_id": f"pair{i}", "prompt_id": pid, "chosen_id": f"a{i}",
+                           "rejected_id": f"b{i}", "chosen_text": f"good {i}",
+                           "rejected_text": f"bad {i}", "chosen_score": 1.0,
+                           "rejected_score": 0.0, "margin": 1.0, "rule": "verifier",
+                           "min_margin": 0.5, "judgment_ids": [f"j{i}"]}
+                          for i, pid in enumerate(prompts.prompt_id)])
+    v = cat.commit(kind="pairs", run_id="r", round=1, parents=[pv.version_id], params={},
+                   fp="q" * 20, tables={"pairs": pairs})
+    return cat, v.version_id, pv.version_id

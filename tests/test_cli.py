@@ -6,23 +6,16 @@ import json
 import subprocess
 import sys
 
-import pandas as pd
 import pytest
 
 from flywheel.catalog import Catalog
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, one_version_catalog, run_cli
 
 
 @pytest.fixture
 def workspace(tmp_path):
     """A workspace whose catalog already holds one version (nothing may be lost)."""
-    cat = Catalog(tmp_path / "flywheel.duckdb")
-    cat.init()
-    cat.commit(kind="prompts", run_id="r0", round=0, parents=[], params={"x": 1},
-               fp="f" * 20, tables={"prompts": pd.DataFrame([{
-                   "prompt_id": "p_1", "text": "hello", "gold": None, "constraints": "[]",
-                   "category": None, "source": "seed", "source_ref": "x:1", "examples": [],
-                   "raw": None}])})
+    one_version_catalog(tmp_path / "flywheel.duckdb")
     return tmp_path
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from flywheel.catalog import KINDS, Catalog
-from tests.conftest import catalog_state, run_cli
+from tests.conftest import catalog_state, run_cli, two_rounds_of_prompts
 
 V0, V1 = "prompts-r0-0000000000", "prompts-r1-1111111111"
 E0 = "eval-r0-eeeeeeeeee"
@@ -23,15 +23,7 @@ E0 = "eval-r0-eeeeeeeeee"
 def db(tmp_path_factory) -> Path:
     """Two prompts versions (rounds 0 and 1) and round 0's eval of the base model."""
     path = tmp_path_factory.mktemp("small-ws") / "flywheel.duckdb"
-    cat = Catalog(path)
-    cat.init()
-    for round_, texts in ((0, ["hello", "world"]), (1, ["hello", "again"])):
-        rows = pd.DataFrame([{
-            "prompt_id": f"p_{t}", "text": t, "gold": None, "constraints": "[]",
-            "category": None, "source": "seed", "source_ref": f"x:{i}", "examples": [],
-            "raw": None} for i, t in enumerate(texts)])
-        cat.commit(kind="prompts", run_id="r0", round=round_, parents=[], params={"r": round_},
-                   fp=f"{round_}" * 20, tables={"prompts": rows})
+    cat = two_rounds_of_prompts(path)
     cat.commit(kind="eval", run_id="r0", round=0, parents=[V0], params={}, fp="e" * 20,
                tables={"evals": pd.DataFrame([{
                    "model_version": "model-r0-x", "baseline_version": None, "n_prompts": 2,

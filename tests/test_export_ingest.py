@@ -12,7 +12,7 @@ from flywheel.catalog import Catalog, prompt_id
 from flywheel.cli import main
 from flywheel.promptfile import load_prompt_file
 from flywheel.stages.prompts import seed_rows
-from tests.conftest import ROOT, catalog_state, run_cli
+from tests.conftest import ROOT, catalog_state, pairs_catalog, run_cli
 
 SEEDS = ROOT / "data" / "seed_prompts.jsonl"
 
@@ -288,20 +288,8 @@ def test_ingest_help_has_example():
 
 # -- export -----------------------------------------------------------------------------------
 def _pairs_catalog(tmp_path) -> tuple[Catalog, str]:
-    cat = Catalog(tmp_path / "flywheel.duckdb")
-    cat.init()
-    prompts = seed_rows(load_prompt_file(SEEDS), str(SEEDS)).head(3)
-    pv = cat.commit(kind="prompts", run_id="r", round=0, parents=[], params={}, fp="p" * 20,
-                    tables={"prompts": prompts})
-    pairs = pd.DataFrame([{"pair_id": f"pair{i}", "prompt_id": pid, "chosen_id": f"a{i}",
-                           "rejected_id": f"b{i}", "chosen_text": f"good {i}",
-                           "rejected_text": f"bad {i}", "chosen_score": 1.0,
-                           "rejected_score": 0.0, "margin": 1.0, "rule": "verifier",
-                           "min_margin": 0.5, "judgment_ids": [f"j{i}"]}
-                          for i, pid in enumerate(prompts.prompt_id)])
-    v = cat.commit(kind="pairs", run_id="r", round=1, parents=[pv.version_id], params={},
-                   fp="q" * 20, tables={"pairs": pairs})
-    return cat, v.version_id
+    cat, pairs, _ = pairs_catalog(tmp_path / "flywheel.duckdb")
+    return cat, pairs
 
 
 def test_export_parquet_jsonl_hf_of_pairs(tmp_path, capsys):

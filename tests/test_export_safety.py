@@ -20,11 +20,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from flywheel.catalog import Catalog
 from flywheel.cli import main
-from flywheel.promptfile import load_prompt_file
-from flywheel.stages.prompts import seed_rows
-from tests.conftest import ROOT, catalog_state, run_cli
+from tests.conftest import ROOT, catalog_state, pairs_catalog, run_cli
 
 SEEDS = ROOT / "data" / "seed_prompts.jsonl"
 
@@ -32,20 +29,8 @@ SEEDS = ROOT / "data" / "seed_prompts.jsonl"
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> tuple[Path, str, str]:
     """A small catalog (3 seed prompts, 3 pairs): (path, pairs version, prompts version)."""
-    cat = Catalog(tmp_path_factory.mktemp("src") / "flywheel.duckdb")
-    cat.init()
-    prompts = seed_rows(load_prompt_file(SEEDS), str(SEEDS)).head(3)
-    pv = cat.commit(kind="prompts", run_id="r", round=0, parents=[], params={}, fp="p" * 20,
-                    tables={"prompts": prompts})
-    pairs = pd.DataFrame([{"pair_id": f"pair{i}", "prompt_id": pid, "chosen_id": f"a{i}",
-                           "rejected_id": f"b{i}", "chosen_text": f"good {i}",
-                           "rejected_text": f"bad {i}", "chosen_score": 1.0,
-                           "rejected_score": 0.0, "margin": 1.0, "rule": "verifier",
-                           "min_margin": 0.5, "judgment_ids": [f"j{i}"]}
-                          for i, pid in enumerate(prompts.prompt_id)])
-    v = cat.commit(kind="pairs", run_id="r", round=1, parents=[pv.version_id], params={},
-                   fp="q" * 20, tables={"pairs": pairs})
-    return cat.path, v.version_id, pv.version_id
+    cat, pairs, prompts = pairs_catalog(tmp_path_factory.mktemp("src") / "flywheel.duckdb")
+    return cat.path, pairs, prompts
 
 
 @pytest.fixture

@@ -12,15 +12,13 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
-from flywheel.catalog import Catalog
 from flywheel.config import load_config
 from flywheel.errors import FlywheelError
 from flywheel.modelprep import config_problems, weight_problems
 from flywheel.pipeline import preflight
-from tests.conftest import ROOT, catalog_state, run_cli
+from tests.conftest import ROOT, catalog_state, one_version_catalog, run_cli
 
 KEY = "prompts.max_prompt_tokens"
 FIX_WEIGHTS = "copy or download it again"
@@ -42,13 +40,7 @@ def sharded_model(tiny_model, tmp_path_factory) -> Path:
 def _workspace(root: Path) -> Path:
     """A workspace whose catalog already holds one version (nothing may be lost)."""
     ws = root / "ws"
-    cat = Catalog(ws / "flywheel.duckdb")
-    cat.init()
-    cat.commit(kind="prompts", run_id="r0", round=0, parents=[], params={"x": 1},
-               fp="f" * 20, tables={"prompts": pd.DataFrame([{
-                   "prompt_id": "p_1", "text": "hello", "gold": None, "constraints": "[]",
-                   "category": None, "source": "seed", "source_ref": "x:1", "examples": [],
-                   "raw": None}])})
+    one_version_catalog(ws / "flywheel.duckdb")
     return ws
 
 

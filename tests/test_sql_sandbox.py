@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from flywheel.catalog import Catalog
-from tests.conftest import ROOT, catalog_state, run_cli
+from tests.conftest import ROOT, catalog_state, run_cli, two_rounds_of_prompts
 
 SECRET = "top-secret-line"
 
@@ -27,15 +27,7 @@ def ws(tmp_path_factory) -> Path:
     """A workspace: a catalog with two prompts versions, and files next to it that no query
     may read (a CSV, a JSON file, a Parquet file, a text file)."""
     ws = tmp_path_factory.mktemp("sandbox-ws")
-    cat = Catalog(ws / "flywheel.duckdb")
-    cat.init()
-    for round_, texts in ((0, ["hello", "world"]), (1, ["hello", "again"])):
-        rows = pd.DataFrame([{
-            "prompt_id": f"p_{t}", "text": t, "gold": None, "constraints": "[]",
-            "category": None, "source": "seed", "source_ref": f"x:{i}", "examples": [],
-            "raw": None} for i, t in enumerate(texts)])
-        cat.commit(kind="prompts", run_id="r0", round=round_, parents=[], params={"r": round_},
-                   fp=f"{round_}" * 20, tables={"prompts": rows})
+    two_rounds_of_prompts(ws / "flywheel.duckdb")
     (ws / "secret.csv").write_text(f"a,b\n{SECRET},2\n")
     (ws / "secret.json").write_text(json.dumps({"a": SECRET}) + "\n")
     (ws / "secret.txt").write_text(SECRET + "\n")

@@ -27,6 +27,7 @@ from flywheel.errors import FlywheelError
 
 __all__ = [
     "Config",
+    "catalog_path",
     "EvalConfig",
     "JudgeConfig",
     "ModelsConfig",
@@ -401,7 +402,7 @@ class Config:
 
     def catalog_path(self) -> Path:
         """The DuckDB catalog file: ``catalog`` if set, else ``<workspace>/flywheel.duckdb``."""
-        return Path(self.catalog) if self.catalog else Path(self.workspace) / "flywheel.duckdb"
+        return catalog_path(self.workspace, self.catalog)
 
     def models_dir(self) -> Path:
         """Where round checkpoints are written: ``<workspace>/models``."""
@@ -422,6 +423,12 @@ class Config:
             raise FlywheelError(f"unknown config section {name!r}",
                                 details=[f"sections: {', '.join(_section_names())}"])
         return dataclasses.asdict(getattr(self, name))
+
+
+def catalog_path(workspace: str | Path = "data", catalog: str | Path | None = "") -> Path:
+    """The one rule for where the catalog is: ``catalog`` if given, else
+    ``<workspace>/flywheel.duckdb``. Every command resolves its catalog through this."""
+    return Path(catalog) if catalog else Path(workspace or "data") / "flywheel.duckdb"
 
 
 # --------------------------------------------------------------------------- introspection

@@ -15,9 +15,9 @@ import pandas as pd
 
 from flywheel.constraints import pass_fraction, verify
 from flywheel.stages.sampling import conversation
+from flywheel.tables import columns
 
-ITEM_COLUMNS = ["prompt_id", "model_version", "text", "finish_reason", "checks", "pass_fraction",
-                "baseline_text", "verdict_ab", "verdict_ba", "outcome"]
+ITEM_COLUMNS = columns("eval_items")
 
 
 def answers(backend, model_path: str, prompts: pd.DataFrame, max_new_tokens: int

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import pandas as pd
 
 from flywheel.backends import Overflow
-from flywheel.catalog import stable_id
 from flywheel.constraints import verify
+from flywheel.hashing import stable_id
 from flywheel.parsing import (
     SCORE_KEYS,
     VERDICT_KEYS,
@@ -35,12 +35,10 @@ from flywheel.parsing import (
     verdict_from_probs,
 )
 from flywheel.stages.pairs import best_and_worst, standings
+from flywheel.tables import columns
 from flywheel.templates import render, template_hash
 
-JUDGMENT_COLUMNS = ["judgment_id", "type", "prompt_id", "sample_id", "sample_a", "sample_b",
-                    "comparison_id", "swapped", "k", "judge", "judge_path", "judge_hash",
-                    "template_hash", "method", "raw", "rationale", "parsed", "error", "score",
-                    "verdict", "winner", "probs"]
+JUDGMENT_COLUMNS = columns("judgments")
 
 #: Appended after the judge's rationale when verdicts are read from next-token probabilities.
 FORCED_PREFIX = {"pointwise": "\nScore: ", "pairwise": "\n\nFinal verdict: [["}

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from flywheel.catalog import stable_id
+from flywheel.hashing import stable_id
+from flywheel.tables import columns
 
-PAIR_COLUMNS = ["pair_id", "prompt_id", "chosen_id", "rejected_id", "chosen_text",
-                "rejected_text", "chosen_score", "rejected_score", "margin", "rule", "min_margin",
-                "judgment_ids"]
+PAIR_COLUMNS = columns("pairs")
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from flywheel.catalog import normalise_text, prompt_id
 from flywheel.constraints import describe_constraints, sample_constraints
+from flywheel.hashing import normalise_text, prompt_id
 from flywheel.parsing import is_refusal, parse_task
+from flywheel.tables import columns
 from flywheel.templates import render
 
-PROMPT_COLUMNS = ["prompt_id", "text", "gold", "constraints", "category", "source", "source_ref",
-                  "examples", "raw"]
+PROMPT_COLUMNS = columns("prompts")
 
 
 def seed_rows(records: list[dict], source_file: str) -> pd.DataFrame:

@@ -7,11 +7,10 @@ import random
 
 import pandas as pd
 
-from flywheel.catalog import stable_id
+from flywheel.hashing import stable_id
+from flywheel.tables import columns
 
-SAMPLE_COLUMNS = ["sample_id", "prompt_id", "model_version", "idx", "greedy", "text",
-                  "finish_reason", "prompt_tokens", "completion_tokens", "temperature", "top_p",
-                  "max_new_tokens", "seed"]
+SAMPLE_COLUMNS = columns("samples")
 
 
 def select_prompts(pool: pd.DataFrame, new_ids: list[str], k: int, seed: int) -> pd.DataFrame:

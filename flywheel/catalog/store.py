@@ -14,7 +14,6 @@ the file (`flywheel sql`) between commits.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import re
 import time
@@ -28,11 +27,16 @@ from typing import Any
 
 import duckdb
 
-from flywheel import __version__, faults
+from flywheel import faults
 from flywheel.errors import FlywheelError
+from flywheel.hashing import (  # noqa: F401  (re-exported)
+    CODE_VERSION,
+    fingerprint,
+    normalise_text,
+    prompt_id,
+    stable_id,
+)
 
-#: Bumped when a stage's output for the same inputs changes; part of every fingerprint.
-CODE_VERSION = f"{__version__}+1"
 #: rows per row group in what a writer appends (see Catalog._connect)
 ROW_GROUP_SIZE = 30_720
 
@@ -350,32 +354,6 @@ DROP INDEX IF EXISTS judgments_sample_b;
 CREATE INDEX IF NOT EXISTS judgments_prompt_id ON judgments (prompt_id);
 CREATE INDEX IF NOT EXISTS pairs_pair_id ON pairs (pair_id);
 """
-
-
-def stable_id(*parts: object, length: int = 16) -> str:
-    """A short, stable hex id from its parts."""
-    h = hashlib.sha256("\x1f".join(map(str, parts)).encode())
-    return h.hexdigest()[:length]
-
-
-def normalise_text(text: str) -> str:
-    """Case- and whitespace-insensitive form of a prompt, the basis of its `prompt_id`."""
-    return " ".join(text.lower().split())
-
-
-def prompt_id(text: str) -> str:
-    """The stable id of a prompt: the hash of its normalised text."""
-    return "p_" + stable_id(normalise_text(text))
-
-
-def fingerprint(kind: str, params: Mapping[str, Any], parent_fps: Sequence[str]) -> str:
-    """Hash of everything that determines a version's content."""
-    payload = json.dumps(
-        {"kind": kind, "params": params, "parents": list(parent_fps), "code": CODE_VERSION},
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
 @dataclass(frozen=True)

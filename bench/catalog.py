@@ -479,6 +479,7 @@ def lineage_breakdown(path: Path, pair_id: str, repeats: int = 3
     blocks are read and decompressed on first use) and again on a warm one; and the fixed
     costs around them (open, close, argparse, printing). Rows: (name, fresh s, warm s)."""
     from flywheel import cli_inspect as ci
+    from flywheel.catalog import queries
     from flywheel.cli import _parser
 
     cat = Catalog(path)
@@ -486,25 +487,25 @@ def lineage_breakdown(path: Path, pair_id: str, repeats: int = 3
         pr = con.execute("SELECT * FROM pairs WHERE pair_id = ?", [pair_id]).df().iloc[0]
         sample_ids = [pr["chosen_id"], pr["rejected_id"]]
         judgment_ids = list(pr["judgment_ids"])
-        cond, params = ci._in("prompt_id", [pr["prompt_id"]])
-        prompt = con.execute(f"SELECT {ci._PROMPT_COLS} FROM prompts WHERE {cond}",
+        cond, params = queries.in_list("prompt_id", [pr["prompt_id"]])
+        prompt = con.execute(f"SELECT {queries.PROMPT_COLS} FROM prompts WHERE {cond}",
                              params).df()
         sections, _ = ci._row_lineage(con, pair_id)
         n_ex = len(sections["example prompts"])
-        n_all = len(ci._examples(con, prompt, None)[0])
+        n_all = len(queries.example_prompts(con, prompt, None)[0])
     steps = {
         "pairs WHERE pair_id = ?": lambda con: con.execute(
             "SELECT * FROM pairs WHERE pair_id = ?", [pair_id]).df(),
         "prompts WHERE prompt_id IN": lambda con: con.execute(
-            f"SELECT {ci._PROMPT_COLS} FROM prompts WHERE {cond}", params).df(),
-        f"example prompts (depth {ci.EXAMPLE_DEPTH})": lambda con: ci._examples(
+            f"SELECT {queries.PROMPT_COLS} FROM prompts WHERE {cond}", params).df(),
+        f"example prompts (depth {ci.EXAMPLE_DEPTH})": lambda con: queries.example_prompts(
             con, prompt, ci.EXAMPLE_DEPTH),
         "samples WHERE sample_id IN": lambda con: con.execute(
-            "SELECT * FROM samples WHERE " + ci._in("sample_id", sample_ids)[0],
+            "SELECT * FROM samples WHERE " + queries.in_list("sample_id", sample_ids)[0],
             sample_ids).df(),
-        "judgments (prompt_id index, filtered)": lambda con: ci._judgments(
+        "judgments (prompt_id index, filtered)": lambda con: queries.judgments_of_samples(
             con, [pr["prompt_id"]], sample_ids, judgment_ids),
-        "models trained on": lambda con: ci._models_trained_on(con, [pr["version_id"]]),
+        "models trained on": lambda con: queries.models_trained_on(con, [pr["version_id"]]),
         "all of the above, concurrently (_row_lineage)": lambda con: ci._row_lineage(
             con, pair_id),
     }
@@ -542,7 +543,7 @@ def lineage_breakdown(path: Path, pair_id: str, repeats: int = 3
         for name, fn in steps.items():
             out.append((name, first[name], timed(lambda fn=fn: fn(con), repeats)))
         out.append(("example prompts (--depth all, recursive)", float("nan"),
-                    timed(lambda: ci._examples(con, prompt, None), 1)))
+                    timed(lambda: queries.example_prompts(con, prompt, None), 1)))
     out.append((f"(example prompts: {n_ex} rows at depth {ci.EXAMPLE_DEPTH}, {n_all} in all)",
                 float("nan"), float("nan")))
     return out

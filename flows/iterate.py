@@ -1,9 +1,13 @@
-"""Prefect flows over `flywheel.pipeline`: one named task per stage, version ids between them.
+"""Prefect flows over `flywheel.pipeline`: a thin executor of the round it declares.
 
-Tasks are thin: each calls one plain pipeline function and returns a version id (a short
-string), never data. The round's summary becomes a markdown artifact. Under `flywheel iterate`,
-each flow takes SIGTERM back from Prefect's flow engine (`interrupt.reclaim`), so SIGINT and
-SIGTERM stop a flow as they stop the plain pipeline: never inside a commit.
+`round_flow` runs `pipeline.ROUND` in order, one task per entry, named after it, with retries
+where the stage generates with a remote model. Tasks are thin: each runs one stage and returns
+a version id (a short string), never data. The flows validate the config once
+(`iterate_flow` takes a plain mapping, as a deployment passes it) and hand the validated
+`Config` to every task. The round's summary becomes a markdown artifact. Under
+`flywheel iterate`, each flow takes SIGTERM back from Prefect's flow engine
+(`interrupt.reclaim`), so SIGINT and SIGTERM stop a flow as they stop the plain pipeline:
+never inside a commit.
 """
 
 from __future__ import annotations
@@ -13,11 +17,16 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flywheel import interrupt, pipeline, report
-from flywheel.config import config_from_dict
+from flywheel.backends import is_remote
+from flywheel.config import Config, config_from_dict
+
+#: Retries of a stage that generates with a remote model (a model server can drop a request);
+#: a local model's failure is not transient, so it is not retried.
+REMOTE_RETRIES = 2
 
 
-def _ctx(config: dict, run_id: str) -> pipeline.Context:
-    ctx = pipeline.context(config_from_dict(config), run_id)
+def _ctx(cfg: Config, run_id: str) -> pipeline.Context:
+    ctx = pipeline.context(cfg, run_id)
     try:
         logger = get_run_logger()
         ctx.log = logger.info
@@ -26,78 +35,39 @@ def _ctx(config: dict, run_id: str) -> pipeline.Context:
     return ctx
 
 
-@task(name="prompts", cache_policy=NO_CACHE)
-def prompts_task(config: dict, run_id: str, round_: int, pool: list[str], policy: str) -> str:
-    return pipeline.generate_prompts(_ctx(config, run_id), round_, pool, policy)
+def run_stage(cfg: Config, run_id: str, name: str, state: pipeline.RoundState) -> str:
+    """Run one stage of the round (reused if its version is in the catalog)."""
+    return pipeline.STAGES[name](_ctx(cfg, run_id), state)
 
 
-@task(name="samples", cache_policy=NO_CACHE)
-def samples_task(config: dict, run_id: str, round_: int, new: str, pool: list[str],
-                 policy: str) -> str:
-    return pipeline.sample(_ctx(config, run_id), round_, new, pool, policy)
-
-
-@task(name="judgments", cache_policy=NO_CACHE)
-def judgments_task(config: dict, run_id: str, round_: int, samples: str, prompts: list[str],
-                   policy: str) -> str:
-    return pipeline.judge(_ctx(config, run_id), round_, samples, prompts, policy)
-
-
-@task(name="pairs", cache_policy=NO_CACHE)
-def pairs_task(config: dict, run_id: str, round_: int, judgments: str, samples: str,
-               prompts: list[str]) -> str:
-    return pipeline.build_pairs(_ctx(config, run_id), round_, judgments, samples, prompts)
-
-
-# log_prints off: `datasets` hashes functions with dill, which prints a bytecode listing to a
-# captured stdout; with Prefect's print-to-log on, the listing would flood the run's logs.
-@task(name="train", cache_policy=NO_CACHE, log_prints=False)
-def train_task(config: dict, run_id: str, round_: int, pairs: str, prompts: list[str],
-               policy: str, previous_pairs: str | None, base: str) -> str:
-    return pipeline.train(_ctx(config, run_id), round_, pairs, prompts, policy,
-                          previous_pairs=previous_pairs, base=base)
-
-
-@task(name="eval", cache_policy=NO_CACHE)
-def eval_task(config: dict, run_id: str, round_: int, model: str, baseline: str | None,
-              baseline_eval: str | None) -> str:
-    return pipeline.evaluate(_ctx(config, run_id), round_, model, baseline, baseline_eval)
-
-
-@task(name="gate", cache_policy=NO_CACHE)
-def gate_task(config: dict, run_id: str, round_: int, model: str, ev: str, policy: str,
-              policy_eval: str, previous_gate: str | None) -> str:
-    return pipeline.gate(_ctx(config, run_id), round_, model, ev, policy, policy_eval,
-                         previous_gate)
+def stage_task(stage: pipeline.Stage, cfg: Config):
+    """The Prefect task of one stage: named after it, retried when it calls a remote model.
+    Printing is not turned into logs: `datasets` (training) prints a bytecode listing when it
+    hashes functions with dill, which would flood the run's logs."""
+    retries = REMOTE_RETRIES if stage.calls_model and is_remote(cfg.models.backend) else 0
+    return task(run_stage, name=stage.name, cache_policy=NO_CACHE, log_prints=False,
+                retries=retries, retry_delay_seconds=10)
 
 
 @task(name="round-0", cache_policy=NO_CACHE)
-def round_zero_task(config: dict, run_id: str) -> tuple[str, str, str]:
-    return pipeline.round_zero(_ctx(config, run_id))
+def round_zero_task(cfg: Config, run_id: str) -> tuple[str, str, str]:
+    return pipeline.round_zero(_ctx(cfg, run_id))
 
 
-@flow(name="flywheel-round", log_prints=True)
-def round_flow(config: dict, run_id: str, round_: int, pool: list[str], policy: str,
-               policy_eval: str, base: str, previous_pairs: str | None = None,
-               previous_gate: str | None = None) -> dict:
-    """One round: prompts -> samples -> judgments -> pairs -> train -> eval -> gate."""
+@flow(name="flywheel-round", log_prints=True, validate_parameters=False)
+def round_flow(cfg: Config, run_id: str, state: pipeline.RoundState) -> dict:
+    """One round: the stages of `pipeline.ROUND`, one task each, in order."""
     interrupt.reclaim()
-    ctx = _ctx(config, run_id)
+    ctx = _ctx(cfg, run_id)
     made = ctx.made
-    new = prompts_task(config, run_id, round_, pool, policy)
-    prompts = [*pool, new]
-    samples = samples_task(config, run_id, round_, new, pool, policy)
-    judgments = judgments_task(config, run_id, round_, samples, prompts, policy)
-    pairs = pairs_task(config, run_id, round_, judgments, samples, prompts)
-    model = train_task(config, run_id, round_, pairs, prompts, policy, previous_pairs, base)
-    ev = eval_task(config, run_id, round_, model, policy, policy_eval)
-    gate = gate_task(config, run_id, round_, model, ev, policy, policy_eval, previous_gate)
-    res = pipeline.finish_round(ctx, pipeline.RoundResult(
-        round_, new, samples, judgments, pairs, model, ev, gate, new=ctx.made > made))
-    rows = report.summary_rows(ctx.catalog, last_eval=ev)
-    create_markdown_artifact(key=f"flywheel-round-{round_}",
-                             markdown=f"# flywheel round {round_}\n\n" + report.markdown(rows),
-                             description=f"round {round_} summary")
+    for stage in pipeline.ROUND:
+        setattr(state, stage.output, stage_task(stage, cfg)(cfg, run_id, stage.name, state))
+    res = pipeline.finish_round(ctx, pipeline.RoundResult.of(state, new=ctx.made > made))
+    rows = report.summary_rows(ctx.catalog, last_eval=res.eval)
+    create_markdown_artifact(key=f"flywheel-round-{res.round}",
+                             markdown=f"# flywheel round {res.round}\n\n"
+                                      + report.markdown(rows),
+                             description=f"round {res.round} summary")
     return vars(res)
 
 
@@ -107,15 +77,14 @@ def iterate_flow(config: dict, rounds: int = 3, run_id: str | None = None,
     """Rounds 1..`rounds`, each starting from the last promoted model. With `continue_rounds`,
     `rounds` more rounds after those the catalog holds (what a scheduled deployment runs)."""
     interrupt.reclaim()
+    cfg = config_from_dict(config)
     results = []
-    with pipeline.running(config_from_dict(config), run_id, command) as ctx, \
+    with pipeline.running(cfg, run_id, command) as ctx, \
             pipeline.resumable(rounds, continue_rounds) as loop_at:
-        seeds, base, base_eval = round_zero_task(config, ctx.run_id)
+        seeds, base, base_eval = round_zero_task(cfg, ctx.run_id)
         loop = loop_at(pipeline.start_loop(ctx, seeds, base, base_eval))
         while loop.wants(rounds, continue_rounds):
-            res = round_flow(config, ctx.run_id, loop.round + 1, loop.pool, loop.policy,
-                             loop.policy_eval, loop.base, loop.previous_pairs,
-                             loop.previous_gate)
+            res = round_flow(cfg, ctx.run_id, loop.next_round(loop.round + 1))
             loop.advance(pipeline.RoundResult(**res))
             results.append(res)
             report.print_table(report.summary_rows(ctx.catalog, last_eval=res["eval"]),

@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     sq.add_argument("query", help="the SQL, or - to read it from stdin")
     sq.add_argument("-p", "--param", nargs=2, action="append", default=[],
                     metavar=("NAME", "VALUE"), help="a named parameter ($NAME in the query)")
-    sq.add_argument("--catalog", default="data/flywheel.duckdb", help="the DuckDB file")
+    _catalog_arg(sq)
     _output_args(sq)
 
     ve = sub.add_parser("versions", help="list the dataset versions in the catalog",
@@ -89,13 +89,13 @@ def _parser() -> argparse.ArgumentParser:
     ve.add_argument("--kind", type=_kind, help="only this kind (prompts, samples, judgments, "
                                                "pairs, model, eval, gate)")
     ve.add_argument("--round", type=_round, help="only this round (0 = the base model's)")
-    ve.add_argument("--catalog", default="data/flywheel.duckdb", help="the DuckDB file")
+    _catalog_arg(ve)
     _output_args(ve)
 
     su = sub.add_parser("summary", help="the per-round summary table",
                         epilog="example:\n  flywheel summary",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    su.add_argument("--catalog", default="data/flywheel.duckdb", help="the DuckDB file")
+    _catalog_arg(su)
     su.add_argument("--eval", help="the lineage ending at this eval version, of round 1 or "
                                    "later (default: the newest; see `flywheel versions --kind "
                                    "eval`)")
@@ -108,11 +108,18 @@ def _parser() -> argparse.ArgumentParser:
     _config_args(co)
     co.add_argument("--reference", action="store_true",
                     help="list every setting with type, default and meaning")
-    from flywheel import cli_check, cli_data, cli_deploy, cli_inspect, cli_status
+    from flywheel import cli_check, cli_data, cli_deploy, cli_inspect, cli_migrate, cli_status
 
-    for module in (cli_inspect, cli_data, cli_deploy, cli_status, cli_check):
+    for module in (cli_inspect, cli_data, cli_deploy, cli_status, cli_check, cli_migrate):
         COMMANDS.update(module.register(sub))
     return p
+
+
+def _catalog_arg(p: argparse.ArgumentParser) -> None:
+    """--catalog PATH (default: the default workspace's catalog), as every read command has."""
+    from flywheel.cli_inspect import add_catalog_arg
+
+    add_catalog_arg(p)
 
 
 def _output_args(p: argparse.ArgumentParser) -> None:
@@ -130,33 +137,28 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 # -- commands -----------------------------------------------------------------------------
 def cmd_iterate(args) -> int:
+    import contextlib
+
     from flywheel import interrupt
 
     # SIGINT / SIGTERM from here on stop the run cleanly (flywheel/interrupt.py); until the
     # run starts nothing is written, so a signal stops it at once
     interrupt.install()
-    with interrupt.computing():
-        from flywheel import report
-        from flywheel.config import load_config
+    with contextlib.ExitStack() as held:
+        with interrupt.computing():
+            from flywheel import pipeline, report
+            from flywheel.catalog import new_run_id
+            from flywheel.config import load_config
 
-        cfg = load_config(args.config, args.overrides)
-        if args.rounds < 1:
-            raise FlywheelError(f"--rounds {args.rounds}: give at least 1 round")
-        command = "flywheel " + " ".join(sys.argv[1:])
-        t0 = time.perf_counter()
-        from flywheel import pipeline, runlock
-        from flywheel.catalog import new_run_id
-
-        run_id = new_run_id()
-        if runlock.is_locked(cfg.catalog_path()):
-            # a second run stops at once, before the preflight loads models: acquire names
-            # the holder (and should the holder have just finished, lets go at once)
-            runlock.acquire(cfg.catalog_path(), run_id, command)
-            runlock.release(cfg.catalog_path())
-        pipeline.preflight(cfg)  # fail fast, before Prefect starts a server
-    # the workspace lock first: a second run stops here at once, before Prefect starts
-    runlock.acquire(cfg.catalog_path(), run_id, command)
-    try:
+            cfg = load_config(args.config, args.overrides)
+            if args.rounds < 1:
+                raise FlywheelError(f"--rounds {args.rounds}: give at least 1 round")
+            command = "flywheel " + " ".join(sys.argv[1:])
+            t0 = time.perf_counter()
+            run_id = new_run_id()
+            # preflight, then the workspace lock, once: bad input or a second run stops here
+            # at once, before Prefect starts; the run inside finds both done
+            held.enter_context(pipeline.prepared(cfg, run_id, command))
         if args.no_prefect:
             results = pipeline.iterate(
                 cfg, args.rounds, run_id=run_id, command=command, continue_=args.continue_,
@@ -175,8 +177,6 @@ def cmd_iterate(args) -> int:
             results = iterate_flow(config=cfg.to_dict(), rounds=args.rounds, run_id=run_id,
                                    command=command, continue_rounds=args.continue_)
             done = [r["round"] for r in results]
-    finally:
-        runlock.release(cfg.catalog_path())
     span = f"round {done[0]}" if len(done) == 1 else f"rounds {done[0]}-{done[-1]}"
     print(f"done: {span} in {time.perf_counter() - t0:.0f}s (run {run_id}); catalog: "
           f"{cfg.catalog_path()}", file=sys.stderr)
@@ -269,17 +269,19 @@ def cmd_setup_model(args) -> int:
 def cmd_sql(args) -> int:
     import duckdb
 
-    from flywheel.catalog import Catalog
+    from flywheel.cli_inspect import open_catalog
 
     query = sys.stdin.read() if args.query == "-" else args.query
     _refuse_writes(query, source="stdin" if args.query == "-" else "the query")
     params = {name: _param_value(value) for name, value in args.param}
-    with Catalog(args.catalog).read() as con:
+    cat = open_catalog(args)
+    # the user's query, as given, on the catalog's sandboxed read-only connection
+    with cat.read() as con:
         try:
             result = con.execute(query, params) if params else con.execute(query)
             df = result.df()
         except duckdb.Error as exc:
-            raise _query_error(exc, args.catalog, query) from exc
+            raise _query_error(exc, str(cat.path), query) from exc
     from flywheel.cli_inspect import print_frame
 
     print_frame(df, args.fmt)
@@ -324,6 +326,13 @@ def _query_error(exc: Exception, catalog: str, query: str = "") -> FlywheelError
             "the query does not use, e.g. flywheel sql \"SELECT * FROM versions WHERE round "
             "= $r\" -p r 1",
             "parameters work in a query of one statement"])
+    missing = re.search(r"Table with name (\w+) does not exist", text)
+    if missing:
+        from flywheel.catalog import migrations, schema
+        from flywheel.catalog.store import TABLE_NAMES
+
+        if missing.group(1) in (*TABLE_NAMES, *schema.VIEW_NAMES, "migrations"):
+            return migrations.outdated(catalog, missing.group(1))
     return FlywheelError(f"query failed: {text}", details=[
         f"check the query against the tables and views of {catalog}: "
         "`flywheel sql \"SHOW TABLES\"`, `flywheel sql \"DESCRIBE versions\"`",
@@ -584,20 +593,11 @@ def _round(text: str) -> int:
 
 
 def cmd_versions(args) -> int:
-    from flywheel.catalog import Catalog
-    from flywheel.cli_inspect import print_frame
+    from flywheel.catalog import queries
+    from flywheel.cli_inspect import open_catalog, print_frame
 
-    where, params = [], []
-    if args.kind:
-        where.append("kind = ?")
-        params.append(args.kind)
-    if args.round is not None:
-        where.append("round = ?")
-        params.append(args.round)
-    sql = ("SELECT version_id, kind, round, parents, row_count, created_at, params FROM versions "
-           + ("WHERE " + " AND ".join(where) if where else "") + " ORDER BY round, created_at")
-    cat = Catalog(args.catalog)
-    df = cat.df(sql, params)
+    cat = open_catalog(args)
+    df = queries.versions(cat, kind=args.kind, round=args.round)
     if not len(df):
         _say_what_is_there(cat, args)
     df["key_params"] = [key_params(k, p) for k, p in zip(df["kind"], df["params"])]
@@ -608,10 +608,9 @@ def cmd_versions(args) -> int:
 def _say_what_is_there(cat, args) -> None:
     """No version matched: say on stderr what the catalog does hold, so an empty answer is
     not mistaken for a wrong one (the output itself stays an empty table / list)."""
-    from flywheel.catalog import KINDS
+    from flywheel.catalog import KINDS, queries
 
-    held = cat.df("SELECT kind, min(round) AS lo, max(round) AS hi FROM versions "
-                  "GROUP BY kind ORDER BY list_position(?, kind), kind", [list(KINDS)])
+    held = queries.kinds_held(cat, KINDS)
     asked = " ".join(f"--{k} {v}" for k, v in (("kind", args.kind), ("round", args.round))
                      if v is not None)
     if not len(held):
@@ -626,9 +625,9 @@ def _say_what_is_there(cat, args) -> None:
 
 def cmd_summary(args) -> int:
     from flywheel import report
-    from flywheel.catalog import Catalog
+    from flywheel.cli_inspect import open_catalog
 
-    cat = Catalog(args.catalog)
+    cat = open_catalog(args)
     if args.eval is not None:
         _check_eval(cat, args.eval)
     rows = report.summary_rows(cat, last_eval=args.eval)
@@ -652,9 +651,9 @@ def cmd_summary(args) -> int:
 def _check_eval(cat, version_id: str) -> None:
     """--eval of `flywheel summary`: an eval version of round 1 or later, else a clear error
     (a lineage cannot end at anything else)."""
-    with cat.read() as con:
-        row = con.execute("SELECT kind, round FROM versions WHERE version_id = ?",
-                          [version_id]).fetchone()
+    from flywheel.catalog import queries
+
+    row = queries.kind_and_round(cat, version_id)
     pick = "list the eval versions with `flywheel versions --kind eval`, or leave --eval out " \
            "for the newest lineage"
     if row is None:

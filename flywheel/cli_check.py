@@ -18,7 +18,7 @@ _RAW = argparse.RawDescriptionHelpFormatter
 
 def register(sub: argparse._SubParsersAction) -> dict:
     """Add `check` to `sub`; return {command name: function(args) -> int}."""
-    from flywheel.cli_inspect import add_output_args
+    from flywheel.cli_inspect import add_catalog_arg, add_output_args
 
     ch = sub.add_parser(
         "check", help="verify the catalog: readable, no orphaned rows, row counts, checkpoints",
@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> dict:
         epilog="example:\n  flywheel check\n  flywheel check --catalog /mnt/runs/exp1/"
                "flywheel.duckdb --json\n  flywheel check --no-hashes   (skip re-hashing "
                "checkpoints)", formatter_class=_RAW)
-    ch.add_argument("--catalog", default="data/flywheel.duckdb", help="the DuckDB file")
+    add_catalog_arg(ch)
     ch.add_argument("--no-hashes", action="store_true",
                     help="check that checkpoints exist, without re-hashing their files")
     add_output_args(ch, sections=False)
@@ -40,8 +40,9 @@ def register(sub: argparse._SubParsersAction) -> dict:
 
 def missing_checkpoints(cat) -> list[tuple[str, int, str]]:
     """(version_id, round, path) of every model version whose checkpoint folder is gone."""
-    df = cat.df("SELECT m.version_id, v.round, m.path FROM models m "
-                "JOIN versions v USING (version_id) ORDER BY v.round, v.created_at")
+    from flywheel.catalog import queries
+
+    df = queries.model_checkpoints(cat)
     return [(vid, int(r), p) for vid, r, p in zip(df.version_id, df["round"], df.path)
             if not Path(p).is_dir()]
 
@@ -50,7 +51,7 @@ def check(catalog_path: str | Path, *, hashes: bool = True) -> tuple[list[dict],
     """The problems found (dicts with `what`, `where`, `problem`) and what was checked."""
     import duckdb
 
-    from flywheel.catalog import TABLES, damage, read_connection
+    from flywheel.catalog import TABLES, damage, queries, read_connection
 
     path = Path(catalog_path)
     if not path.is_file():
@@ -70,16 +71,14 @@ def check(catalog_path: str | Path, *, hashes: bool = True) -> tuple[list[dict],
         return problems, {}
     stats = {"tables": 0, "rows": 0, "versions": 0, "models": 0}
     try:
-        tables = {r[0] for r in con.execute(
-            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()"
-        ).fetchall()}
+        tables = queries.table_names(con)
         if "versions" not in tables:
             problem("file", str(path), "no `versions` table: not a flywheel catalog")
             return problems, stats
         readable = set()
         for table in sorted(tables):
-            try:  # hashing the whole row makes DuckDB read (and checksum) every column
-                n = con.execute(f'SELECT count(*), min(hash(t)) FROM "{table}" t').fetchone()[0]
+            try:  # reads (and checksums) every column of every row
+                n = queries.scan_table(con, table)
             except duckdb.Error as exc:
                 problem("table", table, f"cannot be read in full: {exc}")
                 continue
@@ -88,8 +87,7 @@ def check(catalog_path: str | Path, *, hashes: bool = True) -> tuple[list[dict],
             stats["rows"] += n
         if "versions" not in readable:
             return problems, stats
-        versions = con.execute("SELECT version_id, kind, row_count, parents FROM versions"
-                               ).fetchall()
+        versions = queries.version_facts(con)
         stats["versions"] = len(versions)
         known = {vid: kind for vid, kind, _, _ in versions}
         row_tables = {table: kind for kind, table in TABLES.items()}
@@ -98,8 +96,7 @@ def check(catalog_path: str | Path, *, hashes: bool = True) -> tuple[list[dict],
         for table, kind in row_tables.items():
             if table not in readable:
                 continue
-            for vid, n in con.execute(f'SELECT version_id, count(*) FROM "{table}" '
-                                      "GROUP BY version_id ORDER BY version_id").fetchall():
+            for vid, n in queries.rows_per_version(con, table):
                 if vid not in known:
                     problem("rows", table, f"{n} row(s) of version {vid}, which is not in "
                                            "`versions` (orphaned rows)")
@@ -123,13 +120,13 @@ def check(catalog_path: str | Path, *, hashes: bool = True) -> tuple[list[dict],
 
 
 def _checkpoints(con, hashes: bool, stats: dict) -> list[dict]:
+    from flywheel.catalog import queries
     from flywheel.modelprep import model_hash
 
     out, seen = [], {}
-    rows = con.execute("SELECT m.version_id, v.round, m.path, m.content_hash FROM models m "
-                       "JOIN versions v USING (version_id) ORDER BY v.round, v.created_at"
-                       ).fetchall()
-    for vid, round_, path, recorded in rows:
+    rows = queries.model_checkpoints(con)
+    for vid, round_, path, recorded in zip(rows.version_id, rows["round"], rows.path,
+                                           rows.content_hash):
         stats["models"] += 1
         where = f"{vid} (round {round_})"
         if not Path(path).is_dir():
@@ -158,8 +155,10 @@ def cmd_check(args) -> int:
     import pandas as pd
 
     from flywheel.cli_inspect import print_frame
+    from flywheel.config import catalog_path
 
-    problems, stats = check(args.catalog, hashes=not args.no_hashes)
+    path = catalog_path(catalog=args.catalog)
+    problems, stats = check(path, hashes=not args.no_hashes)
     if args.fmt != "table":
         print_frame(pd.DataFrame(problems, columns=["what", "where", "problem"]), args.fmt)
     else:
@@ -169,7 +168,7 @@ def cmd_check(args) -> int:
                f"{stats.get('versions', 0)} versions, {stats.get('models', 0)} model checkpoints"
                + (" (existence only)" if args.no_hashes else ""))
     if problems:
-        print(f"{args.catalog}: {len(problems)} problem(s) ({checked} checked)", file=sys.stderr)
+        print(f"{path}: {len(problems)} problem(s) ({checked} checked)", file=sys.stderr)
         return 1
-    print(f"{args.catalog}: ok ({checked} checked)", file=sys.stderr)
+    print(f"{path}: ok ({checked} checked)", file=sys.stderr)
     return 0

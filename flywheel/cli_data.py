@@ -28,7 +28,6 @@ from pathlib import Path
 
 from flywheel.errors import FlywheelError
 
-DEFAULT_CATALOG = "data/flywheel.duckdb"
 FORMATS = ("parquet", "jsonl", "hf")
 SUFFIX = {"parquet": ".parquet", "jsonl": ".jsonl", "hf": ".hf"}
 INGEST_TYPES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv",
@@ -61,7 +60,9 @@ def register(sub: argparse._SubParsersAction) -> dict:
     ex.add_argument("--force", action="store_true",
                     help="replace PATH if it is an earlier flywheel export (or, for hf, an "
                          "empty folder); anything else is refused")
-    ex.add_argument("--catalog", default=DEFAULT_CATALOG, help="the DuckDB file")
+    from flywheel.cli_inspect import add_catalog_arg
+
+    add_catalog_arg(ex)
 
     ing = sub.add_parser(
         "ingest", help="add prompts from a JSONL, CSV or Parquet file as a new prompts version",
@@ -86,8 +87,10 @@ def register(sub: argparse._SubParsersAction) -> dict:
     where = ing.add_mutually_exclusive_group()
     where.add_argument("--workspace", metavar="DIR",
                        help="the workspace whose catalog (DIR/flywheel.duckdb) to write")
-    where.add_argument("--catalog", help="the DuckDB file (default: the config's catalog, "
-                                         f"{DEFAULT_CATALOG})")
+    where.add_argument("--catalog", metavar="PATH",
+                       help="the catalog file (default <workspace>/flywheel.duckdb: the "
+                            "config's catalog, data/flywheel.duckdb unless the config sets "
+                            "workspace or catalog)")
     ing.add_argument("--create", action="store_true",
                      help="start a new catalog (and its folders) if there is none at the path")
     ing.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
@@ -114,9 +117,10 @@ TMP = ".flywheel-tmp"
 
 
 def cmd_export(args) -> int:
-    from flywheel.catalog import TABLES, Catalog
+    from flywheel.catalog import TABLES
+    from flywheel.cli_inspect import open_catalog
 
-    cat = Catalog(args.catalog)
+    cat = open_catalog(args)
     v = _export_version(cat, args.version)
     if args.format == "hf" and v.kind != "pairs":
         raise FlywheelError(
@@ -153,7 +157,9 @@ def _export_version(cat, version_id: str):
     """The version to export; a missing one is named with the closest ids and where to look."""
     import difflib
 
-    ids = list(cat.df("SELECT version_id FROM versions ORDER BY version_id").version_id)
+    from flywheel.catalog import queries
+
+    ids = queries.version_ids(cat)
     if version_id not in ids:
         close = difflib.get_close_matches(version_id, ids, n=3, cutoff=0.6)
         raise FlywheelError(
@@ -439,12 +445,11 @@ def _preference_dataset(cat, v):
     if pairs.empty:
         raise FlywheelError(f"{v.version_id} has no pairs: nothing to train on",
                             details=["export it with --format parquet or jsonl to inspect it"])
+    from flywheel.catalog import queries
+
     sources = [p for p in v.parents if cat.get(p).kind == "prompts"]
-    sql = ("SELECT prompt_id, text FROM prompts WHERE prompt_id IN (SELECT unnest(?))"
-           + (" AND version_id IN (SELECT unnest(?))" if sources else "")
-           + " ORDER BY version_id")
-    params = [sorted(set(pairs.prompt_id))] + ([sources] if sources else [])
-    texts = cat.df(sql, params).drop_duplicates("prompt_id")
+    texts = queries.prompt_texts(cat, sorted(set(pairs.prompt_id)), sources
+                                 ).drop_duplicates("prompt_id")
     text = dict(zip(texts.prompt_id, texts.text))
     missing = sorted(set(pairs.prompt_id) - set(text))
     if missing:
@@ -456,8 +461,8 @@ def _preference_dataset(cat, v):
 # -- ingest -----------------------------------------------------------------------------------
 def cmd_ingest(args) -> int:
     from flywheel import runlock
-    from flywheel.catalog import Catalog, fingerprint, new_run_id
-    from flywheel.config import load_config
+    from flywheel.catalog import Catalog, fingerprint, new_run_id, queries
+    from flywheel.config import catalog_path, load_config
 
     cfg = load_config(args.config, args.overrides)
     path = Path(args.file)
@@ -469,8 +474,9 @@ def cmd_ingest(args) -> int:
     if not args.wait >= 0:
         raise FlywheelError(f"--wait {args.wait}: give the seconds to wait for the workspace "
                             "lock, 0 or more")
-    catalog = Path(args.catalog) if args.catalog else (
-        Path(args.workspace) / "flywheel.duckdb" if args.workspace else cfg.catalog_path())
+    # --catalog, else --workspace's catalog, else the config's (its workspace, or `catalog`)
+    catalog = (catalog_path(args.workspace, args.catalog) if args.catalog or args.workspace
+               else cfg.catalog_path())
     _check_catalog(catalog, args.create)
     records = load_ingest_file(path)  # validates everything before anything is written
     _check_lengths(records, path, cfg)
@@ -500,8 +506,7 @@ def cmd_ingest(args) -> int:
 
         def rows(con):
             # read on the commit's own connection: what it dedupes against is what is there
-            existing = con.execute("SELECT DISTINCT prompt_id, text, constraints "
-                                   "FROM prompts").df()
+            existing = queries.catalog_prompts(con)
             new, dropped = dedupe_rows(records, existing, threshold, str(path), name,
                                        held_out=held_out)
             params["dropped"] = dropped

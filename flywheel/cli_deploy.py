@@ -34,8 +34,9 @@ FLOW_NAME = "flywheel-iterate"
 DEFAULT_NAME = "scheduled"
 
 #: The config settings that are file-system paths (dotted keys). Templates
-#: (prompts.template, judge.*_template) are not: they are file names inside the package's
-#: prompts/ folder, found through flywheel.templates whatever the working directory.
+#: (prompts.template, judge.*_template) are not: they are file names, looked up in prompts/
+#: of the directory the run executes in (PROJECT_ROOT for a deployed run), then among the
+#: templates shipped with the package (flywheel.templates).
 PATH_KEYS = ("workspace", "catalog", "models.policy", "models.judge", "models.generator",
              "prompts.seed_file", "eval.prompts_file")
 #: Of those, the model directories are rewritten only when they exist locally (a model name

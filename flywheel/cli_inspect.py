@@ -16,7 +16,8 @@ import argparse
 import json
 import sys
 
-from flywheel.catalog import TABLES, Catalog
+from flywheel.catalog import Catalog
+from flywheel.catalog import queries as q
 from flywheel.errors import FlywheelError
 
 FORMATS = ("table", "json", "nl", "csv")
@@ -216,8 +217,22 @@ def _limit(text: str) -> int:
     return n
 
 
-def _catalog_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--catalog", default="data/flywheel.duckdb", help="the DuckDB file")
+#: The help of every read command's --catalog.
+CATALOG_HELP = ("the catalog file (default <workspace>/flywheel.duckdb of the default "
+                "workspace: data/flywheel.duckdb)")
+
+
+def add_catalog_arg(p: argparse.ArgumentParser) -> None:
+    """--catalog PATH of a read command; `open_catalog(args)` resolves it."""
+    p.add_argument("--catalog", metavar="PATH", default=None, help=CATALOG_HELP)
+
+
+def open_catalog(args) -> Catalog:
+    """The Catalog of a read command: --catalog, else the default workspace's catalog (the
+    rule of `flywheel.config.catalog_path`)."""
+    from flywheel.config import catalog_path
+
+    return Catalog(catalog_path(catalog=args.catalog))
 
 
 def register(sub: argparse._SubParsersAction) -> dict:
@@ -232,7 +247,7 @@ def register(sub: argparse._SubParsersAction) -> dict:
     sh.add_argument("version", help="a version id (see `flywheel versions`)")
     sh.add_argument("--limit", type=_limit, default=None,
                     help="print at most N rows (N >= 0; default: all)")
-    _catalog_arg(sh)
+    add_catalog_arg(sh)
     add_output_args(sh)
 
     li = sub.add_parser(
@@ -251,7 +266,7 @@ def register(sub: argparse._SubParsersAction) -> dict:
     li.add_argument("--depth", type=_depth, default=EXAMPLE_DEPTH, metavar="N|all",
                     help="levels of few-shot example prompts to walk back (default "
                          f"{EXAMPLE_DEPTH}; `all`: back to the seeds)")
-    _catalog_arg(li)
+    add_catalog_arg(li)
     add_output_args(li)
 
     di = sub.add_parser(
@@ -265,163 +280,39 @@ def register(sub: argparse._SubParsersAction) -> dict:
     di.add_argument("v2", help="the newer version")
     di.add_argument("--limit", type=_limit, default=50,
                     help="list at most N added / removed rows each (default 50)")
-    _catalog_arg(di)
+    add_catalog_arg(di)
     add_output_args(di)
     return {"show": cmd_show, "lineage": cmd_lineage, "diff": cmd_diff}
 
 
 # -- helpers ------------------------------------------------------------------------------
 def _version_or_error(con, version_id: str, catalog: Catalog):
-    df = con.execute("SELECT version_id, kind, round, run_id, parents, row_count, params, "
-                     "fingerprint, created_at FROM versions WHERE version_id = ?",
-                     [version_id]).df()
+    df = q.version_header(con, version_id)
     if not len(df):
         raise FlywheelError(f"no version {version_id!r} in {catalog.path}",
                             details=["list the versions with `flywheel versions`"])
     return df
 
 
-def _q(con, sql: str, params=()):
-    return con.execute(sql, list(params)).df()
-
-
 # -- show ---------------------------------------------------------------------------------
 def cmd_show(args) -> int:
-    cat = Catalog(args.catalog)
+    cat = open_catalog(args)
     with cat.read() as con:
         head = _version_or_error(con, args.version, cat)
         kind = head.at[0, "kind"]
-        limit = "" if args.limit is None else f" LIMIT {int(args.limit)}"
-        rows = _q(con, f"SELECT * FROM {TABLES[kind]} WHERE version_id = ?{limit}",
-                  [args.version])
+        rows = q.version_rows(con, kind, args.version, args.limit)
         sections = {"version": head, "rows": rows}
         if kind == "eval":
-            sections["items"] = _q(con, "SELECT * FROM eval_items WHERE version_id = ?"
-                                   + limit, [args.version])
+            sections["items"] = q.eval_items(con, args.version, args.limit)
     print_sections(sections, args.fmt, vertical=("version",))
     return 0
 
 
 # -- lineage ------------------------------------------------------------------------------
-_VERSION_TREE = """
-WITH RECURSIVE up(version_id, depth) AS (
-    SELECT unnest(parents), 1 FROM versions WHERE version_id = $id
-    UNION
-    SELECT unnest(v.parents), up.depth + 1 FROM up JOIN versions v USING (version_id)),
-down(version_id, depth) AS (
-    SELECT version_id, 1 FROM versions WHERE list_contains(parents, $id)
-    UNION
-    SELECT v.version_id, down.depth + 1 FROM down
-    JOIN versions v ON list_contains(v.parents, down.version_id))
-SELECT d.direction, d.depth, v.version_id, v.kind, v.round, v.row_count, v.parents
-FROM (SELECT 'ancestor' AS direction, min(depth) AS depth, version_id FROM up GROUP BY ALL
-      UNION ALL
-      SELECT 'descendant', min(depth), version_id FROM down GROUP BY ALL) d
-JOIN versions v USING (version_id)
-ORDER BY d.direction, d.depth, v.round, v.kind, v.version_id
-"""
-
-_PROMPT_COLS = ("prompt_id, version_id, source, category, text, gold, constraints, "
-                "source_ref, examples")
-
 #: How many levels of few-shot examples `flywheel lineage` walks back by default: a prompt
 #: generated in round N rests on `prompts.few_shot` examples per level, N levels deep (8 per
 #: level and 10 rounds: ~25k rows), so the whole walk is opt-in (`--depth all`).
 EXAMPLE_DEPTH = 1
-
-_JUDGMENT_COLS = ("judgment_id, version_id, type, judge, method, sample_id, sample_a, sample_b, "
-                  "swapped, k, parsed, error, score, verdict, winner, rationale")
-_JUDGMENT_ORDER = "type, judge, sample_id, sample_a, swapped, k, judgment_id"
-
-
-def _in(column: str, values) -> tuple[str, list]:
-    """`column IN (?, ?, ...)` and its parameters: a literal list, which DuckDB answers with
-    lookups in the ART index on `column` (for `IN (SELECT unnest(?))` or `= ANY(?)` it plans a
-    join: 3× slower at 64 ids, a scan from a few thousand)."""
-    values = list(values)
-    if not values:
-        return "false", []
-    return f"{column} IN ({', '.join('?' * len(values))})", values
-
-
-#: The whole walk back to the seeds (`--depth all`): one recursive query.
-_EXAMPLES = """
-WITH RECURSIVE ex(prompt_id, used_by, depth) AS (
-    SELECT DISTINCT unnest(examples), prompt_id, 1 FROM prompts
-    WHERE prompt_id IN (SELECT unnest($ids))
-    UNION
-    SELECT unnest(p.examples), p.prompt_id, ex.depth + 1 FROM ex
-    JOIN prompts p ON p.prompt_id = ex.prompt_id)
-SELECT ex.depth, ex.used_by, p.prompt_id, p.version_id, p.source, p.text, p.examples
-FROM ex JOIN prompts p USING (prompt_id)
-ORDER BY ex.depth, ex.used_by, p.prompt_id, p.version_id
-"""
-
-
-def _examples(con, prompts, depth: int | None):
-    """The few-shot example prompts behind the rows of `prompts` (prompt_id, examples):
-    (depth, used_by, prompt_id, version_id, source, text, examples), ordered by depth, used_by,
-    prompt_id, version_id; and whether a further level was left out. `depth` levels are
-    looked up by id, one query per level; `depth` None is the whole walk (_EXAMPLES)."""
-    import pandas as pd
-
-    if depth is None:
-        ids = list(dict.fromkeys(prompts["prompt_id"]))
-        return con.execute(_EXAMPLES, {"ids": ids}).df(), False
-    frames = []
-    level = 0
-    edges = {(e, pid) for pid, ex in zip(prompts["prompt_id"], prompts["examples"])
-             for e in (ex if ex is not None else ()) if e is not None}
-    while edges and level < depth:
-        level += 1
-        ids = sorted({e for e, _ in edges})
-        cond, params = _in("p.prompt_id", ids)
-        used = sorted(edges)
-        rows = _q(con, "SELECT CAST(? AS INTEGER) AS depth, ex.used_by, p.prompt_id, "
-                       "p.version_id, p.source, p.text, p.examples FROM prompts p JOIN "
-                       "(SELECT unnest(CAST(? AS VARCHAR[])) AS prompt_id, "
-                       "unnest(CAST(? AS VARCHAR[])) AS used_by) ex USING (prompt_id) "
-                       f"WHERE {cond} ORDER BY ex.used_by, p.prompt_id, p.version_id",
-                  [level, [e for e, _ in used], [u for _, u in used], *params])
-        frames.append(rows)
-        edges = {(e, pid) for pid, ex in zip(rows["prompt_id"], rows["examples"])
-                 for e in (ex if ex is not None else ()) if e is not None}
-    if not frames:  # the columns, no rows
-        frames.append(_q(con, "SELECT CAST(NULL AS INTEGER) AS depth, NULL::VARCHAR AS used_by, "
-                              "prompt_id, version_id, source, text, examples FROM prompts "
-                              "LIMIT 0"))
-    out = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
-    return out, bool(edges)
-
-
-def _judgments(con, prompt_ids: list[str], sample_ids: list[str], judgment_ids: list[str]):
-    """Every judgment of the samples (as sample_id, sample_a or sample_b) and the judgments
-    named by `judgment_ids`: one lookup in the index on judgments.prompt_id (a judgment
-    carries the prompt of its samples; `prompt_ids` are the samples' prompts), filtered to the
-    samples, not a scan of all judgments. A judgment id hashes its samples, so the named
-    judgments are among those rows; ids that are not (rows edited by hand) are looked up as
-    well, by a scan."""
-    where, params = _in("prompt_id", prompt_ids)
-    cols = [_in(col, sample_ids) for col in ("sample_id", "sample_a", "sample_b")]
-    where += " AND (" + " OR ".join(c for c, _ in cols) + ")"
-    params += [x for _, ps in cols for x in ps]
-    df = _q(con, f"SELECT {_JUDGMENT_COLS} FROM judgments WHERE {where} "
-                 f"ORDER BY {_JUDGMENT_ORDER}", params)
-    missing = sorted(set(judgment_ids) - set(df["judgment_id"]))
-    if not missing:
-        return df
-    named, more = _in("judgment_id", missing)
-    return _q(con, f"SELECT {_JUDGMENT_COLS} FROM judgments WHERE ({where}) OR {named} "
-                   f"ORDER BY {_JUDGMENT_ORDER}", params + more)
-
-
-def _models_trained_on(con, pair_versions: list[str]):
-    return _q(con, "SELECT v.version_id AS model_version, v.round, m.method, m.train_pairs, "
-                   "m.base_version, m.path, "
-                   "list_filter(v.parents, lambda x: list_contains(?, x)) AS trained_on "
-                   "FROM versions v JOIN models m USING (version_id) "
-                   "WHERE v.kind = 'model' AND list_has_any(v.parents, ?) "
-                   "ORDER BY v.round, v.version_id", [pair_versions, pair_versions])
 
 
 def _concurrently(con, *fns):
@@ -450,34 +341,31 @@ def _row_lineage(con, rid: str, depth: int | None = EXAMPLE_DEPTH) -> tuple[dict
     pairs = None
     found = None
     if rid.startswith("pr_") or rid[:2] not in ("p_", "s_", "j_"):
-        pairs = _q(con, "SELECT * FROM pairs WHERE pair_id = ?", [rid])
+        pairs = q.pairs_by_id(con, rid)
         if len(pairs):
             found = "pair"
     if found is None and (rid.startswith("j_") or not rid.startswith(("p_", "s_", "pr_"))):
-        j = _q(con, "SELECT * FROM judgments WHERE judgment_id = ?", [rid])
+        j = q.judgments_by_id(con, rid)
         if len(j):
             found = "judgment"
             judgment_ids = [rid]
             prompt_ids = list(dict.fromkeys(j["prompt_id"]))
             for col in ("sample_id", "sample_a", "sample_b"):
                 sample_ids += [s for s in j[col] if isinstance(s, str)]
-            pairs = _q(con, "SELECT * FROM pairs WHERE list_contains(judgment_ids, ?)", [rid])
+            pairs = q.pairs_with_judgment(con, rid)
     if found is None and (rid.startswith("s_") or not rid.startswith(("p_", "j_", "pr_"))):
-        s = _q(con, "SELECT prompt_id FROM samples WHERE sample_id = ?", [rid])
-        if len(s):
+        of_sample = q.prompts_of_sample(con, rid)
+        if of_sample:
             found = "sample"
             sample_ids = [rid]
-            prompt_ids = list(dict.fromkeys(s["prompt_id"]))
-            pairs = _q(con, "SELECT * FROM pairs WHERE chosen_id = ? OR rejected_id = ?",
-                       [rid, rid])
+            prompt_ids = list(dict.fromkeys(of_sample))
+            pairs = q.pairs_of_sample(con, rid)
     if found is None and (rid.startswith("p_") or not rid.startswith(("s_", "j_", "pr_"))):
-        p = _q(con, "SELECT prompt_id FROM prompts WHERE prompt_id = ?", [rid])
-        if len(p):
+        if q.has_prompt(con, rid):
             found = "prompt"
             prompt_ids = [rid]
-            sample_ids = list(_q(con, "SELECT DISTINCT sample_id FROM samples WHERE "
-                                      "prompt_id = ? ORDER BY 1", [rid])["sample_id"])
-            pairs = _q(con, "SELECT * FROM pairs WHERE prompt_id = ?", [rid])
+            sample_ids = q.samples_of_prompt(con, rid)
+            pairs = q.pairs_of_prompt(con, rid)
     if found is None:
         raise FlywheelError(f"no version or row {rid!r} in the catalog", details=[
             "give a version id (`flywheel versions`) or a row id: prompt p_..., sample s_..., "
@@ -492,21 +380,13 @@ def _row_lineage(con, rid: str, depth: int | None = EXAMPLE_DEPTH) -> tuple[dict
     sample_ids = list(dict.fromkeys(sample_ids))
 
     def prompt_and_examples(c):
-        cond, params = _in("prompt_id", prompt_ids)
-        prompt = _q(c, f"SELECT {_PROMPT_COLS} FROM prompts WHERE {cond} "
-                       "ORDER BY prompt_id, version_id", params)
-        return (prompt, *_examples(c, prompt, depth))
-
-    def samples_of(c):
-        cond, params = _in("sample_id", sample_ids)
-        return _q(c, "SELECT sample_id, version_id, prompt_id, model_version, idx, greedy, "
-                     "finish_reason, completion_tokens, temperature, text FROM samples "
-                     f"WHERE {cond} ORDER BY prompt_id, idx, sample_id", params)
+        prompt = q.prompts_by_id(c, prompt_ids)
+        return (prompt, *q.example_prompts(c, prompt, depth))
 
     (prompt, examples, more), samples, judgments, models = _concurrently(
-        con, prompt_and_examples, samples_of,
-        lambda c: _judgments(c, prompt_ids, sample_ids, judgment_ids),
-        lambda c: _models_trained_on(c, list(dict.fromkeys(pairs["version_id"]))))
+        con, prompt_and_examples, lambda c: q.samples_by_id(c, sample_ids),
+        lambda c: q.judgments_of_samples(c, prompt_ids, sample_ids, judgment_ids),
+        lambda c: q.models_trained_on(c, list(dict.fromkeys(pairs["version_id"]))))
     samples.insert(1, "role", "")
     if found == "pair":
         role = {}
@@ -540,15 +420,13 @@ def _row_lineage(con, rid: str, depth: int | None = EXAMPLE_DEPTH) -> tuple[dict
 
 
 def cmd_lineage(args) -> int:
-    cat = Catalog(args.catalog)
+    cat = open_catalog(args)
     with cat.read() as con:
         # row ids have a prefix no version id has (versions are `<kind>-r<round>-<hash>`)
         row_id = args.id.startswith(("p_", "s_", "j_", "pr_"))
-        head = None if row_id else _q(
-            con, "SELECT version_id, kind, round, run_id, parents, row_count, params "
-                 "FROM versions WHERE version_id = ?", [args.id])
+        head = None if row_id else q.version_header(con, args.id, brief=True)
         if head is not None and len(head):
-            tree = con.execute(_VERSION_TREE, {"id": args.id}).df()
+            tree = q.version_tree(con, args.id)
             sections = {
                 "version": head,
                 "ancestors": tree[tree.direction == "ancestor"].drop(columns="direction"),
@@ -593,9 +471,9 @@ def diff_versions(con, v1: str, v2: str, cat: Catalog, limit: int = 50) -> dict:
     if k1 not in ROW_IDS:
         raise FlywheelError(f"cannot diff {k1} versions: they have no stable row id",
                             details=[f"diff works on: {', '.join(ROW_IDS)}"])
-    key, table = ROW_IDS[k1], TABLES[k1]
-    a = _q(con, f"SELECT * FROM {table} WHERE version_id = ?", [v1])
-    b = _q(con, f"SELECT * FROM {table} WHERE version_id = ?", [v2])
+    key = ROW_IDS[k1]
+    a = q.version_rows(con, k1, v1)
+    b = q.version_rows(con, k1, v2)
     ids_a, ids_b = set(a[key]), set(b[key])
     added_ids, removed_ids = ids_b - ids_a, ids_a - ids_b
     show = {"prompts": [key, "source", "text"],
@@ -645,7 +523,7 @@ def diff_versions(con, v1: str, v2: str, cat: Catalog, limit: int = 50) -> dict:
 
 
 def cmd_diff(args) -> int:
-    cat = Catalog(args.catalog)
+    cat = open_catalog(args)
     with cat.read() as con:
         sections = diff_versions(con, args.v1, args.v2, cat, args.limit)
     print_sections(sections, args.fmt, vertical=("summary",))

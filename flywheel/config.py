@@ -28,6 +28,8 @@ from flywheel.errors import FlywheelError
 __all__ = [
     "Config",
     "catalog_path",
+    "fingerprint_problems",
+    "shaping",
     "EvalConfig",
     "JudgeConfig",
     "ModelsConfig",
@@ -71,9 +73,44 @@ def _help_text(f: dataclasses.Field) -> str:
     return f"{text} One of: {', '.join(choices)}." if choices else text
 
 
-def _meta(doc: str, choices: Sequence[str] = ()) -> dict[str, Any]:
-    """Field metadata: help text and, where values are restricted, the allowed choices."""
-    return {"help": doc, "choices": tuple(choices)} if choices else {"help": doc}
+#: How a setting enters the fingerprint of the stage its section configures (every leaf
+#: setting declares one; `fingerprint_problems` lists any that does not):
+#: it shapes the stage's output, so it is part of the fingerprint;
+SHAPES = "shapes"
+#: it shapes the output but joined after versions were made: part of the fingerprint only
+#: when not at its default, so versions made before it existed keep their fingerprints (a new
+#: setting that shapes a stage is declared ADDED);
+ADDED = "added"
+#: it names a model or file whose content hash (not the path) is part of the fingerprint;
+BY_CONTENT = "by-content"
+#: it enters the fingerprint through a value derived from it, which the stage names (e.g.
+#: train.dtype as the dtype training runs in, after `auto` is resolved);
+DERIVED = "derived"
+#: it changes how a stage runs, not what it makes (paths, devices, progress bars, checkpoint
+#: cadence): never part of the fingerprint.
+OPERATIONAL = "operational"
+FINGERPRINT_ROLES = (SHAPES, ADDED, BY_CONTENT, DERIVED, OPERATIONAL)
+
+
+def _meta(doc: str, choices: Sequence[str] = (), *, fp: str, stage: str = "",
+          key: str = "") -> dict[str, Any]:
+    """Field metadata: help text, the allowed choices where values are restricted, and how the
+    setting enters a fingerprint: `fp` (one of FINGERPRINT_ROLES); `stage` where it shapes a
+    stage other than its section's (the gate's settings live in `eval`); `key` where the
+    fingerprint names it differently."""
+    meta: dict[str, Any] = {"help": doc, "fingerprint": fp}
+    if choices:
+        meta["choices"] = tuple(choices)
+    if stage:
+        meta["stage"] = stage
+    if key:
+        meta["key"] = key
+    return meta
+
+
+def _section(doc: str) -> dict[str, Any]:
+    """Metadata of a section field of the root (its settings declare their own roles)."""
+    return {"help": doc}
 
 
 def _documented(cls: type) -> type:
@@ -97,29 +134,40 @@ class ModelsConfig:
 
     policy: str = field(
         default="models/SmolLM2-135M-Instruct",
-        metadata=_meta("Base policy checkpoint (a local directory); round 1 samples from it."),
+        metadata=_meta("Base policy checkpoint (a local directory); round 1 samples from it.",
+                       fp=BY_CONTENT),
     )
     judge: str = field(
         default="",
         metadata=_meta("Fixed judge model directory; empty = the current policy judges itself "
-                       "(self-rewarding)."),
+                       "(self-rewarding).", fp=BY_CONTENT),
     )
     generator: str = field(
         default="",
-        metadata=_meta("Prompt-generator model directory; empty = the current policy."),
+        metadata=_meta("Prompt-generator model directory; empty = the current policy.",
+                       fp=BY_CONTENT),
     )
     backend: str = field(
-        default="transformers", metadata=_meta("Inference backend.", ("transformers",))
+        default="transformers", metadata=_meta("Inference backend.", ("transformers",), fp=SHAPES)
     )
     device: str = field(
         default="cpu",
-        metadata=_meta("Device to run models on: cpu, cuda (or cuda:N), or auto."),
+        metadata=_meta("Device for inference and training: cpu; cuda (= cuda:0); cuda:N (the "
+                       "N-th GPU torch sees, after CUDA_VISIBLE_DEVICES; training uses that one "
+                       "GPU, no data parallelism); auto (cuda:0 where torch sees a GPU, else "
+                       "the CPU). A GPU that is not there is an error naming this setting.",
+                       fp=OPERATIONAL),
     )
     dtype: str = field(
         default="float32",
-        metadata=_meta("Model weights dtype.", ("float32", "bfloat16", "float16")),
+        metadata=_meta("Dtype models are loaded in for inference, and for training unless "
+                       "train.dtype says otherwise. float32: full precision. bfloat16: half "
+                       "the memory; trains with bf16 mixed precision (LoRA weights float32) on "
+                       "the CPU or a GPU of compute capability 8.0+. float16: GPU only (fp16 "
+                       "mixed precision with a gradient scaler).",
+                       ("float32", "bfloat16", "float16"), fp=SHAPES),
     )
-    batch_size: int = field(default=16, metadata=_meta("Generation batch size."))
+    batch_size: int = field(default=16, metadata=_meta("Generation batch size.", fp=SHAPES))
 
 
 @_documented
@@ -129,55 +177,60 @@ class PromptsConfig:
 
     seed_file: str = field(
         default="data/seed_prompts.jsonl",
-        metadata=_meta("JSONL file of seed prompts that start the pool."),
+        metadata=_meta("JSONL file of seed prompts that start the pool.", fp=SHAPES),
     )
-    num_new: int = field(default=8, metadata=_meta("New prompts to accept per round."))
+    num_new: int = field(default=8, metadata=_meta("New prompts to accept per round.", fp=SHAPES))
     max_attempts: int = field(
-        default=24, metadata=_meta("Generation attempts per round at most.")
+        default=24, metadata=_meta("Generation attempts per round at most.", fp=SHAPES)
     )
-    few_shot: int = field(default=8, metadata=_meta("Examples drawn from the pool per attempt."))
+    few_shot: int = field(default=8, metadata=_meta("Examples drawn from the pool per attempt.",
+                                                    fp=SHAPES))
     temperature: float = field(
-        default=0.9, metadata=_meta("Sampling temperature for prompt generation.")
+        default=0.9, metadata=_meta("Sampling temperature for prompt generation.", fp=SHAPES)
     )
     top_p: float = field(
-        default=0.95, metadata=_meta("Nucleus-sampling top_p for prompt generation.")
+        default=0.95, metadata=_meta("Nucleus-sampling top_p for prompt generation.", fp=SHAPES)
     )
     max_new_tokens: int = field(
-        default=64, metadata=_meta("Maximum tokens per generated prompt.")
+        default=64, metadata=_meta("Maximum tokens per generated prompt.", fp=SHAPES)
     )
     min_chars: int = field(
         default=16, metadata=_meta("Generated prompts shorter than this many characters are "
-                                   "rejected.")
+                                   "rejected.", fp=SHAPES)
     )
     max_chars: int = field(
         default=400, metadata=_meta("Generated prompts longer than this many characters are "
-                                    "rejected.")
+                                    "rejected.", fp=SHAPES)
     )
     max_prompt_tokens: int = field(
         default=1024,
         metadata=_meta("Longest prompt in tokens of the policy's tokenizer: longer lines of the "
                        "seed and eval files (and of `flywheel ingest`) are refused with file "
-                       "and line; longer self-instruct prompts are dropped and counted."),
+                       "and line; longer self-instruct prompts are dropped and counted.",
+                           fp=ADDED),
     )
     dedupe_threshold: float = field(
         default=0.6,
         metadata=_meta("Character 3-gram Jaccard similarity at or above which a new prompt is a "
-                       "near-duplicate of the pool (and rejected)."),
+                       "near-duplicate of the pool (and rejected).", fp=SHAPES),
     )
     constraint_prob: float = field(
         default=0.8,
         metadata=_meta("Probability that a new prompt gets constraints from the constraint "
-                       "library."),
+                       "library.", fp=SHAPES),
     )
     max_constraints: int = field(
-        default=1, metadata=_meta("Constraints drawn per new prompt (1 to this many).")
+        default=1, metadata=_meta("Constraints drawn per new prompt (1 to this many).", fp=SHAPES)
     )
     constraint_types: list[str] = field(
         default_factory=list,
-        metadata=_meta("Constraint-library subset to draw from; empty = all."),
+        metadata=_meta("Constraint-library subset to draw from; empty = all.", fp=SHAPES),
     )
     template: str = field(
-        default="self_instruct.j2", metadata=_meta("Prompt-generation template in prompts/.")
+        default="self_instruct.j2",
+        metadata=_meta("Prompt-generation template: a file name, looked up in prompts/ of the "
+                       "current directory, then among the templates shipped with "
+                       "flywheel.", fp=SHAPES)
     )
 
 
@@ -186,18 +239,19 @@ class PromptsConfig:
 class SamplingConfig:
     """Sampling candidate answers from the current policy."""
 
-    n: int = field(default=4, metadata=_meta("Candidate answers per prompt."))
+    n: int = field(default=4, metadata=_meta("Candidate answers per prompt.", fp=SHAPES))
     temperature: float = field(
-        default=0.7, metadata=_meta("Sampling temperature for candidates (0 = greedy).")
+        default=0.7, metadata=_meta("Sampling temperature for candidates (0 = greedy).", fp=SHAPES)
     )
-    top_p: float = field(default=0.9, metadata=_meta("Nucleus-sampling top_p for candidates."))
+    top_p: float = field(default=0.9, metadata=_meta("Nucleus-sampling top_p for candidates.",
+                                                     fp=SHAPES))
     max_new_tokens: int = field(
-        default=96, metadata=_meta("Maximum tokens per candidate answer.")
+        default=96, metadata=_meta("Maximum tokens per candidate answer.", fp=SHAPES)
     )
     prompts_per_round: int = field(
         default=32,
         metadata=_meta("Prompts sampled per round: the round's new prompts first, then a seeded "
-                       "draw from the rest of the pool; 0 = the whole pool."),
+                       "draw from the rest of the pool; 0 = the whole pool.", fp=SHAPES),
     )
 
 
@@ -210,40 +264,47 @@ class JudgeConfig:
         default="hybrid",
         metadata=_meta("How the LLM judge compares candidates: pointwise scores, pairwise "
                        "comparisons, or hybrid (pointwise ranks, pairwise confirms).",
-                       ("pointwise", "pairwise", "hybrid")),
+                       ("pointwise", "pairwise", "hybrid"), fp=SHAPES),
     )
     verdict: str = field(
         default="text",
         metadata=_meta("How verdicts are read: text parses the judge's text; logprobs uses "
                        "next-token probabilities over the allowed verdicts after the rationale.",
-                       ("text", "logprobs")),
+                       ("text", "logprobs"), fp=SHAPES),
     )
     samples: int = field(
-        default=3, metadata=_meta("Pointwise judge samples per candidate, averaged.")
+        default=3, metadata=_meta("Pointwise judge samples per candidate, averaged.", fp=SHAPES)
     )
     temperature: float = field(
         default=0.7,
         metadata=_meta("Judge sampling temperature when samples > 1 (a single sample is "
-                       "greedy)."),
+                       "greedy).", fp=SHAPES),
     )
-    max_new_tokens: int = field(default=160, metadata=_meta("Judge rationale length in tokens."))
+    max_new_tokens: int = field(default=160, metadata=_meta("Judge rationale length in tokens.",
+                                                            fp=SHAPES))
     verifiers: bool = field(
         default=True,
         metadata=_meta("Check prompts' constraints with verifiers; verifier pass/fail ranks "
-                       "first, the LLM judge orders ties."),
+                       "first, the LLM judge orders ties.", fp=SHAPES),
     )
     llm_on: str = field(
         default="all",
         metadata=_meta("Which prompts the LLM judge sees: all, or ties (only prompts whose "
                        "candidates the verifiers cannot separate, and prompts without "
                        "constraints; saves most judge time when verifiers decide).",
-                       ("all", "ties")),
+                       ("all", "ties"), fp=SHAPES),
     )
     pointwise_template: str = field(
-        default="pointwise.j2", metadata=_meta("Pointwise judge template in prompts/.")
+        default="pointwise.j2",
+        metadata=_meta("Pointwise judge template: a file name, looked up in prompts/ of the "
+                       "current directory, then among the templates shipped with "
+                       "flywheel.", fp=SHAPES)
     )
     pairwise_template: str = field(
-        default="pairwise.j2", metadata=_meta("Pairwise judge template in prompts/.")
+        default="pairwise.j2",
+        metadata=_meta("Pairwise judge template: a file name, looked up in prompts/ of the "
+                       "current directory, then among the templates shipped with "
+                       "flywheel.", fp=SHAPES)
     )
 
 
@@ -255,20 +316,22 @@ class PairsConfig:
     min_margin: float = field(
         default=1.0,
         metadata=_meta("Minimum LLM-judge score margin between chosen and rejected when the "
-                       "verifiers tie."),
+                       "verifiers tie.", fp=SHAPES),
     )
     min_verifier_margin: float = field(
         default=0.01,
-        metadata=_meta("Minimum verifier pass-fraction margin for a verifier-decided pair."),
+        metadata=_meta("Minimum verifier pass-fraction margin for a verifier-decided pair.",
+                       fp=SHAPES),
     )
     require_agreement: bool = field(
         default=True,
         metadata=_meta("Keep an LLM-decided pair only if the pairwise judge agrees in both "
-                       "orders."),
+                       "orders.", fp=SHAPES),
     )
     max_length_ratio: float = field(
         default=0.0,
-        metadata=_meta("Drop pairs whose chosen/rejected length ratio exceeds this; 0 = no cap."),
+        metadata=_meta("Drop pairs whose chosen/rejected length ratio exceeds this; 0 = no cap.",
+                       fp=SHAPES),
     )
 
 
@@ -280,55 +343,70 @@ class TrainConfig:
     method: str = field(
         default="dpo",
         metadata=_meta("Training method: dpo on judged pairs, or spin (gold answer = chosen, "
-                       "own answer = rejected, previous round = reference).", ("dpo", "spin")),
+                       "own answer = rejected, previous round = reference).", ("dpo", "spin"),
+                           fp=SHAPES),
     )
     loss_type: list[str] = field(
         default_factory=lambda: ["sigmoid"],
-        metadata=_meta("TRL DPO loss types (several are combined).", DPO_LOSS_TYPES),
+        metadata=_meta("TRL DPO loss types (several are combined).", DPO_LOSS_TYPES, fp=SHAPES),
     )
     beta: float = field(
         default=0.1,
-        metadata=_meta("DPO beta: strength of the implicit KL penalty toward the reference."),
+        metadata=_meta("DPO beta: strength of the implicit KL penalty toward the reference.",
+                       fp=SHAPES),
     )
-    learning_rate: float = field(default=5e-5, metadata=_meta("Optimizer learning rate."))
-    epochs: float = field(default=1.0, metadata=_meta("Training epochs per round."))
+    learning_rate: float = field(default=5e-5, metadata=_meta("Optimizer learning rate.",
+                                                              fp=SHAPES))
+    epochs: float = field(default=1.0, metadata=_meta("Training epochs per round.", fp=SHAPES))
     batch_size: int = field(
-        default=4, metadata=_meta("Per-device training batch size (pairs).")
+        default=4, metadata=_meta("Per-device training batch size (pairs).", fp=SHAPES)
     )
-    grad_accum: int = field(default=1, metadata=_meta("Gradient accumulation steps."))
+    grad_accum: int = field(default=1, metadata=_meta("Gradient accumulation steps.", fp=SHAPES))
     max_length: int = field(
-        default=512, metadata=_meta("Maximum prompt + answer length in tokens.")
+        default=512, metadata=_meta("Maximum prompt + answer length in tokens.", fp=SHAPES)
     )
     warmup_ratio: float = field(
-        default=0.0, metadata=_meta("Fraction of training steps used for learning-rate warmup.")
+        default=0.0, metadata=_meta("Fraction of training steps used for learning-rate warmup.",
+                                    fp=SHAPES)
     )
-    lora_r: int = field(default=16, metadata=_meta("LoRA rank."))
-    lora_alpha: int = field(default=32, metadata=_meta("LoRA alpha (scaling = alpha / r)."))
-    lora_dropout: float = field(default=0.05, metadata=_meta("LoRA dropout probability."))
+    lora_r: int = field(default=16, metadata=_meta("LoRA rank.", fp=SHAPES))
+    lora_alpha: int = field(default=32, metadata=_meta("LoRA alpha (scaling = alpha / r).",
+                                                       fp=SHAPES))
+    lora_dropout: float = field(default=0.05, metadata=_meta("LoRA dropout probability.",
+                                                             fp=SHAPES))
     lora_targets: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        metadata=_meta("Module names LoRA adapters are attached to."),
+        metadata=_meta("Module names LoRA adapters are attached to.", fp=SHAPES),
     )
     min_pairs: int = field(
         default=1,
         metadata=_meta("Fewer pairs than this: the round trains nothing and keeps the current "
-                       "model."),
+                       "model.", fp=SHAPES),
     )
     data_mix: str = field(
         default="current",
         metadata=_meta("Pairs trained on each round: the round's own (current), or the round's "
                        "plus the previous round's (current+previous, SPIN's recipe).",
-                       ("current", "current+previous")),
+                       ("current", "current+previous"), fp=ADDED),
     )
     reference: str = field(
         default="start",
         metadata=_meta("DPO reference policy: the round's starting model (start; the adapter "
-                       "disabled) or the round-0 base model (base).", ("start", "base")),
+                       "disabled) or the round-0 base model (base).", ("start", "base"), fp=ADDED),
+    )
+    dtype: str = field(
+        default="auto",
+        metadata=_meta("Precision of training: the policy's weights are loaded in it and, for "
+                       "bfloat16 / float16, the step runs under autocast in it (TRL's bf16 / "
+                       "fp16); the LoRA adapter stays float32 and the merged checkpoint is saved "
+                       "in it. auto = models.dtype. float16 needs a GPU.",
+                       ("auto", "float32", "bfloat16", "float16"), fp=DERIVED),
     )
     checkpoint_steps: int = field(
         default=50,
         metadata=_meta("Save a training checkpoint every N optimizer steps, so a killed run "
-                       "resumes training from it; 0 = no checkpoints (training restarts)."),
+                       "resumes training from it; 0 = no checkpoints (training restarts).",
+                           fp=OPERATIONAL),
     )
 
 
@@ -338,14 +416,17 @@ class EvalConfig:
     """Evaluating each round's model against the previous one."""
 
     prompts_file: str = field(
-        default="data/eval_prompts.jsonl", metadata=_meta("JSONL file of held-out eval prompts.")
+        default="data/eval_prompts.jsonl", metadata=_meta("JSONL file of held-out eval prompts.",
+                                                          fp=SHAPES)
     )
-    max_prompts: int = field(default=0, metadata=_meta("Eval prompts used at most; 0 = all."))
-    max_new_tokens: int = field(default=96, metadata=_meta("Maximum tokens per eval answer."))
+    max_prompts: int = field(default=0, metadata=_meta("Eval prompts used at most; 0 = all.",
+                                                       fp=SHAPES))
+    max_new_tokens: int = field(default=96, metadata=_meta("Maximum tokens per eval answer.",
+                                                           fp=SHAPES))
     judge: bool = field(
         default=True,
         metadata=_meta("Judge new vs previous model pairwise in both orders with the LLM judge "
-                       "(verifiers decide first where prompts carry constraints)."),
+                       "(verifiers decide first where prompts carry constraints).", fp=SHAPES),
     )
     min_win_rate: float = field(
         default=0.0,
@@ -353,14 +434,16 @@ class EvalConfig:
                        "if its win rate against the current policy (ties count half) is at "
                        "least this; otherwise the round is recorded as rejected and the next "
                        "round starts from the current policy again. 0 = promote every model; "
-                       "0.5 = never promote a model that does worse than the current one."),
+                       "0.5 = never promote a model that does worse than the current one.",
+                           fp=SHAPES, stage="gate"),
     )
     gate_statistic: str = field(
         default="point",
         metadata=_meta("What the gate compares with eval.min_win_rate: the win rate itself "
                        "(point), the low end of its 95% interval (ci_low: promote only when "
                        "clearly better) or the high end (ci_high: reject only when clearly "
-                       "worse).", ("point", "ci_low", "ci_high")),
+                       "worse).", ("point", "ci_low", "ci_high"),
+                           fp=SHAPES, stage="gate", key="statistic"),
     )
 
 
@@ -371,34 +454,36 @@ class Config:
 
     workspace: str = field(
         default="data",
-        metadata=_meta("Folder holding the catalog and the model checkpoints it makes."),
+        metadata=_meta("Folder holding the catalog and the model checkpoints it makes.",
+                       fp=OPERATIONAL),
     )
     catalog: str = field(
-        default="", metadata=_meta("DuckDB catalog file; empty = <workspace>/flywheel.duckdb.")
+        default="", metadata=_meta("DuckDB catalog file; empty = <workspace>/flywheel.duckdb.",
+                                   fp=OPERATIONAL)
     )
-    seed: int = field(default=0, metadata=_meta("Global random seed."))
+    seed: int = field(default=0, metadata=_meta("Global random seed.", fp=SHAPES))
     models: ModelsConfig = field(
-        default_factory=ModelsConfig, metadata=_meta("Checkpoints and how they run.")
+        default_factory=ModelsConfig, metadata=_section("Checkpoints and how they run.")
     )
     prompts: PromptsConfig = field(
-        default_factory=PromptsConfig, metadata=_meta("Self-instruct prompt generation.")
+        default_factory=PromptsConfig, metadata=_section("Self-instruct prompt generation.")
     )
     sampling: SamplingConfig = field(
-        default_factory=SamplingConfig, metadata=_meta("Candidate sampling.")
+        default_factory=SamplingConfig, metadata=_section("Candidate sampling.")
     )
     judge: JudgeConfig = field(
-        default_factory=JudgeConfig, metadata=_meta("Verifiers and LLM judge.")
+        default_factory=JudgeConfig, metadata=_section("Verifiers and LLM judge.")
     )
     pairs: PairsConfig = field(
-        default_factory=PairsConfig, metadata=_meta("Preference-pair selection.")
+        default_factory=PairsConfig, metadata=_section("Preference-pair selection.")
     )
     train: TrainConfig = field(
-        default_factory=TrainConfig, metadata=_meta("LoRA DPO/SPIN training.")
+        default_factory=TrainConfig, metadata=_section("LoRA DPO/SPIN training.")
     )
     eval: EvalConfig = field(
-        default_factory=EvalConfig, metadata=_meta("Round-over-round evaluation.")
+        default_factory=EvalConfig, metadata=_section("Round-over-round evaluation.")
     )
-    progress: bool = field(default=True, metadata=_meta("Show progress bars."))
+    progress: bool = field(default=True, metadata=_meta("Show progress bars.", fp=OPERATIONAL))
 
     def catalog_path(self) -> Path:
         """The DuckDB catalog file: ``catalog`` if set, else ``<workspace>/flywheel.duckdb``."""
@@ -473,6 +558,46 @@ def _leaf_hint(dotted: str) -> Any:
         if key == dotted:
             return hint
     return None
+
+
+def fingerprint_problems(cls: type = None) -> list[str]:
+    """Every leaf setting under `cls` (default: the whole Config) without a valid fingerprint
+    role in its metadata: a new setting must say whether it shapes its stage's output."""
+    out = []
+    for key, f, _ in _leaves(cls or Config):
+        role = f.metadata.get("fingerprint")
+        if role not in FINGERPRINT_ROLES:
+            out.append(f"{key}: declares no fingerprint role (metadata fp=...; one of "
+                       f"{', '.join(FINGERPRINT_ROLES)}), got {role!r}")
+    return out
+
+
+def shaping(section: Any, stage: str = "") -> dict[str, Any]:
+    """The settings of one config section that shape `stage`'s output, for its fingerprint:
+    SHAPES settings always, ADDED ones when not at their default; those declared for another
+    stage (``stage=``) only for that stage. Keys are the setting names (or their ``key``)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(section):
+        role = f.metadata.get("fingerprint")
+        if role not in (SHAPES, ADDED) or f.metadata.get("stage", "") != stage:
+            continue
+        value = getattr(section, f.name)
+        if role == ADDED and value == _default(f):
+            continue
+        out[f.metadata.get("key") or f.name] = value
+    return out
+
+
+def changed(section: Any, names: Sequence[str] = ()) -> dict[str, Any]:
+    """The settings of `section` (or those of them named) that differ from their defaults."""
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
+            if (not names or f.name in names) and getattr(section, f.name) != _default(f)}
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
 
 
 # --------------------------------------------------------------------------- type checks

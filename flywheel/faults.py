@@ -3,8 +3,10 @@ SIGKILL when it reaches that point, as a crash or `kill -9` would.
 
 Points: `<kind>:compute` (a stage has started its work), `<kind>:commit` (inside the stage's
 commit transaction, after its rows are inserted and before the version row and COMMIT), and
-`train:step` (training, right after the first checkpoint is saved). Kinds: prompts, samples,
-judgments, pairs, model, eval, gate. Unset in normal use; checking them costs two dict lookups.
+`train:step` (training, right after the first checkpoint is saved), and `migrate:<name>`
+(inside the migrations' transaction, right after migration <name> is applied or recorded,
+before COMMIT). Kinds: prompts, samples, judgments, pairs, model, eval, gate. Unset in normal
+use; checking them costs two dict lookups.
 
 `FLYWHEEL_STALL=<point>` instead makes the process wait there (up to 10 minutes), as a long
 computation would, so the interrupt tests can signal a run that is inside a given stage; it

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import socket
@@ -24,11 +23,14 @@ from pathlib import Path
 import pandas as pd
 
 from flywheel import faults, interrupt, runlock
-from flywheel.catalog import Catalog, fingerprint, new_run_id
-from flywheel.config import Config
+from flywheel.backends import Backend
+from flywheel.catalog import Catalog, new_run_id, queries
+from flywheel.config import Config, changed, shaping
 from flywheel.errors import FlywheelError, Interrupted
+from flywheel.hashing import fingerprint
 from flywheel.modelprep import model_hash
 from flywheel.promptfile import load_prompt_file
+from flywheel.stages.train import CODE_VERSION as MODEL_CODE_VERSION
 
 
 # -- context ----------------------------------------------------------------------------------
@@ -40,12 +42,12 @@ class Context:
     run_id: str
     catalog: Catalog
     log: Callable[[str], None] = field(default=lambda m: print(m, file=sys.stderr, flush=True))
-    _backend: object = None
+    _backend: Backend | None = None
     made: int = 0  # versions this process computed (not reused)
     stage: tuple[int, str] | None = None  # (round, kind) of the stage computing now
 
     @property
-    def backend(self):
+    def backend(self) -> Backend:
         if self._backend is None:
             from flywheel.backends import get_backend
 
@@ -103,6 +105,7 @@ def preflight(cfg: Config) -> None:
         if not bad:
             found += weight_problems(path, key)
         problems += found
+    problems += _placement_and_template_problems(cfg)
     files = {}
     for path in dict.fromkeys((cfg.prompts.seed_file, cfg.eval.prompts_file)):
         try:
@@ -117,9 +120,31 @@ def preflight(cfg: Config) -> None:
         raise FlywheelError("cannot start: nothing was written", details=problems)
 
 
+def _placement_and_template_problems(cfg: Config) -> list[str]:
+    """A device or dtype this machine cannot train with, and templates that are nowhere."""
+    from flywheel.stages.train import training_placement
+    from flywheel.templates import find_template
+
+    problems = []
+    try:
+        training_placement(cfg.models.device, training_dtype(cfg))
+    except FlywheelError as exc:
+        text = str(exc).replace("\n  - ", " — ")
+        problems.append(text.replace("models.dtype", "train.dtype", 1)
+                        if cfg.train.dtype != "auto" else text)
+    for key, name in (("prompts.template", cfg.prompts.template),
+                      ("judge.pointwise_template", cfg.judge.pointwise_template),
+                      ("judge.pairwise_template", cfg.judge.pairwise_template)):
+        try:
+            find_template(name)
+        except FlywheelError as exc:
+            problems.append(f"{key}: {exc}".replace("\n  - ", " — "))
+    return problems
+
+
 # -- the stage wrapper ------------------------------------------------------------------------
 def _stage(ctx: Context, kind: str, round_: int, params: dict, parents: list[str],
-           compute: Callable[[str], tuple[dict[str, pd.DataFrame], dict]]) -> str:
+           compute: Callable[[str], tuple[dict[str, pd.DataFrame], dict]], *, code: str) -> str:
     """Reuse the version with this fingerprint, or compute and commit it atomically.
 
     A stop (SIGINT/SIGTERM, see flywheel.interrupt) requested before the stage or during its
@@ -127,7 +152,7 @@ def _stage(ctx: Context, kind: str, round_: int, params: dict, parents: list[str
     cat = ctx.catalog
     ctx.stage = (round_, kind)
     interrupt.check()
-    fp = fingerprint(kind, params, [cat.get(p).fingerprint for p in parents])
+    fp = fingerprint(kind, params, [cat.get(p).fingerprint for p in parents], code)
     hit = cat.find(fp)
     if hit is not None:
         ctx.stage = None
@@ -180,19 +205,20 @@ def _eval_prompts(cfg: Config) -> pd.DataFrame:
 
 
 def _gen_params(cfg: Config) -> dict:
-    m = cfg.models
-    return {"backend": m.backend, "dtype": m.dtype, "batch_size": m.batch_size}
+    """The model settings that shape what any generating stage makes (backend, dtype,
+    batch size: see the `models` section's declarations)."""
+    return shaping(cfg.models)
 
 
 # -- round 0: seeds, base model, base eval ----------------------------------------------------
 def seed_prompts(ctx: Context) -> str:
     """The seed pool as a prompts version (round 0)."""
-    from flywheel.stages.prompts import seed_rows
+    from flywheel.stages.prompts import CODE_VERSION, seed_rows
 
     path = ctx.cfg.prompts.seed_file
     params = {"seed_file": path, "sha256": file_hash(path)}
     return _stage(ctx, "prompts", 0, params, [], lambda fp: (
-        {"prompts": seed_rows(load_prompt_file(path), path)}, {}))
+        {"prompts": seed_rows(load_prompt_file(path), path)}, {}), code=CODE_VERSION)
 
 
 def base_model(ctx: Context) -> str:
@@ -202,13 +228,15 @@ def base_model(ctx: Context) -> str:
     params = {"content_hash": digest}  # not the path: a moved checkpoint is the same model
     row = pd.DataFrame([{"path": path, "content_hash": digest, "base_version": None,
                          "method": "base", "train_pairs": 0, "metrics": "{}"}])
-    return _stage(ctx, "model", 0, params, [], lambda fp: ({"models": row}, {}))
+    return _stage(ctx, "model", 0, params, [], lambda fp: ({"models": row}, {}),
+                  code=MODEL_CODE_VERSION)
 
 
 # -- the stages of a round --------------------------------------------------------------------
-#: Prompts settings that joined the fingerprint later: in it only when not at their default, so
-#: prompts versions made before they existed keep their fingerprints.
-_PROMPTS_DEFAULTS = {"max_prompt_tokens": 1024}
+# Each stage's params are what shapes its output: the settings its config sections declare
+# SHAPES (ADDED ones when changed; see flywheel.config), the round and the seed, and the ids or
+# content hashes of what it reads. Everything else (paths, devices, progress) stays out, so
+# changing it reuses what is stored.
 
 
 def generate_prompts(ctx: Context, round_: int, pool: list[str], policy: str) -> str:
@@ -218,9 +246,7 @@ def generate_prompts(ctx: Context, round_: int, pool: list[str], policy: str) ->
 
     cfg = ctx.cfg
     gen_path = cfg.models.generator or _model(ctx, policy)["path"]
-    settings = {k: v for k, v in vars(cfg.prompts).items()
-                if _PROMPTS_DEFAULTS.get(k, object()) != v}
-    params = {"round": round_, "seed": cfg.seed, **settings, **_gen_params(cfg),
+    params = {"round": round_, "seed": cfg.seed, **shaping(cfg.prompts), **_gen_params(cfg),
               "generator": cfg.models.generator and "fixed" or policy,
               "generator_hash": model_hash(gen_path, cfg.hash_cache_path())}
     params["constraint_types"] = list(cfg.prompts.constraint_types)
@@ -243,16 +269,18 @@ def generate_prompts(ctx: Context, round_: int, pool: list[str], policy: str) ->
             fits=fits)
         return {"prompts": rows}, {"stats": stats}
 
-    return _stage(ctx, "prompts", round_, params, [*pool, policy], compute)
+    return _stage(ctx, "prompts", round_, params, [*pool, policy], compute,
+                  code=stage.CODE_VERSION)
 
 
 def sample(ctx: Context, round_: int, new_prompts: str, pool: list[str], policy: str) -> str:
     """N candidates per selected prompt (and SPIN's greedy answers) from the policy."""
-    from flywheel.stages.sampling import candidates, select_prompts
+    from flywheel.stages.sampling import CODE_VERSION, candidates, select_prompts
 
     cfg, s = ctx.cfg, ctx.cfg.sampling
     spin = cfg.train.method == "spin"
-    params = {"round": round_, "seed": cfg.seed, **vars(s), "spin": spin, **_gen_params(cfg)}
+    params = {"round": round_, "seed": cfg.seed, **shaping(s), "spin": spin,
+              **_gen_params(cfg)}
 
     def compute(fp):
         model = _model(ctx, policy)
@@ -271,7 +299,8 @@ def sample(ctx: Context, round_: int, new_prompts: str, pool: list[str], policy:
                                     greedy=True))
         return {"samples": pd.concat(parts, ignore_index=True)}, {}
 
-    return _stage(ctx, "samples", round_, params, [new_prompts, *pool, policy], compute)
+    return _stage(ctx, "samples", round_, params, [new_prompts, *pool, policy], compute,
+                  code=CODE_VERSION)
 
 
 def _judge(ctx: Context, policy: str):
@@ -288,12 +317,12 @@ def _judge(ctx: Context, policy: str):
 def judge(ctx: Context, round_: int, samples: str, prompt_versions: list[str],
           policy: str) -> str:
     """Verifiers and the LLM judge over one samples version."""
-    from flywheel.stages.judging import judge_samples, over_context
+    from flywheel.stages.judging import CODE_VERSION, judge_samples, over_context
     from flywheel.templates import template_hash
 
     cfg = ctx.cfg
     jd = _judge(ctx, policy)
-    params = {"round": round_, "seed": cfg.seed, **vars(cfg.judge), **_gen_params(cfg),
+    params = {"round": round_, "seed": cfg.seed, **shaping(cfg.judge), **_gen_params(cfg),
               "judge": jd.version, "judge_hash": jd.content_hash,
               "template_hashes": [template_hash(cfg.judge.pointwise_template),
                                   template_hash(cfg.judge.pairwise_template)]}
@@ -307,34 +336,36 @@ def judge(ctx: Context, round_: int, samples: str, prompt_versions: list[str],
         _log_over_context(ctx, round_, "judgments", over_context(rows))
         return {"judgments": rows}, {}
 
-    return _stage(ctx, "judgments", round_, params, [samples, *prompt_versions, policy], compute)
+    return _stage(ctx, "judgments", round_, params, [samples, *prompt_versions, policy], compute,
+                  code=CODE_VERSION)
 
 
 def build_pairs(ctx: Context, round_: int, judgments: str, samples: str,
                 prompt_versions: list[str]) -> str:
     """Preference pairs (DPO: best vs worst; SPIN: gold vs own answer)."""
+    from flywheel.stages.pairs import CODE_VERSION, spin_pairs
     from flywheel.stages.pairs import build_pairs as best_worst
-    from flywheel.stages.pairs import spin_pairs
 
     cfg = ctx.cfg
-    params = {"round": round_, **vars(cfg.pairs), "method": cfg.train.method}
+    # the judge mode is not in these params: the judgments (a parent) carry it in theirs
+    params = {"round": round_, **shaping(cfg.pairs), "method": cfg.train.method}
 
     def compute(fp):
         s = ctx.catalog.rows("samples", samples)
         if cfg.train.method == "spin":
             rows = spin_pairs(_prompts(ctx, prompt_versions), s, fp)
         else:
-            rows = best_worst(s, ctx.catalog.rows("judgments", judgments), cfg.pairs, fp)
+            rows = best_worst(s, ctx.catalog.rows("judgments", judgments), cfg.pairs, fp,
+                              mode=cfg.judge.mode)
         return {"pairs": rows}, {"rules": rows.rule.value_counts().to_dict()}
 
-    return _stage(ctx, "pairs", round_, params, [judgments, samples, *prompt_versions], compute)
+    return _stage(ctx, "pairs", round_, params, [judgments, samples, *prompt_versions], compute,
+                  code=CODE_VERSION)
 
 
-#: Train settings that do not change the trained model (left out of its fingerprint).
-_OPERATIONAL_TRAIN = ("checkpoint_steps",)
-#: Train settings that joined the fingerprint later: in it only when not at their default, so
-#: models trained before they existed keep their fingerprints.
-_TRAIN_DEFAULTS = {"data_mix": "current", "reference": "start"}
+def training_dtype(cfg: Config) -> str:
+    """The dtype training runs in: train.dtype, or with `auto` models.dtype."""
+    return cfg.models.dtype if cfg.train.dtype == "auto" else cfg.train.dtype
 
 
 def train(ctx: Context, round_: int, pairs: str, prompt_versions: list[str], policy: str, *,
@@ -347,9 +378,10 @@ def train(ctx: Context, round_: int, pairs: str, prompt_versions: list[str], pol
 
     cfg = ctx.cfg
     t = cfg.train
-    params = {"round": round_, "seed": cfg.seed,
-              **{k: v for k, v in vars(t).items()
-                 if k not in _OPERATIONAL_TRAIN and _TRAIN_DEFAULTS.get(k, object()) != v}}
+    dtype = training_dtype(cfg)
+    params = {"round": round_, "seed": cfg.seed, **shaping(t),
+              # every model before train.dtype was trained in float32: only others are named
+              **({"train_dtype": dtype} if dtype != "float32" else {})}
     mixed = [pairs] + ([previous_pairs] if t.data_mix == "current+previous" and previous_pairs
                        else [])
     reference = base if t.reference == "base" and base else policy
@@ -372,7 +404,7 @@ def train(ctx: Context, round_: int, pairs: str, prompt_versions: list[str], pol
         text = dict(zip(pool.prompt_id, pool.text))
         ref_path = _model(ctx, reference)["path"] if reference != policy else None
         metrics = train_lora(start["path"], pair_rows, text, t, out, seed=cfg.seed,
-                             device=cfg.models.device, progress=cfg.progress,
+                             device=cfg.models.device, dtype=dtype, progress=cfg.progress,
                              ref_path=ref_path, log=ctx.log)
         row = {"path": str(out), "content_hash": model_hash(out, cfg.hash_cache_path()),
                "base_version": policy,
@@ -382,11 +414,25 @@ def train(ctx: Context, round_: int, pairs: str, prompt_versions: list[str], pol
 
     extra_parents = mixed[1:] + ([reference] if reference != policy else [])
     return _stage(ctx, "model", round_, params,
-                  [pairs, *extra_parents, *prompt_versions, policy], compute)
+                  [pairs, *extra_parents, *prompt_versions, policy], compute,
+                  code=MODEL_CODE_VERSION)
 
 
-#: Eval settings that belong to the promotion gate, not to the eval's content.
-_GATE = ("min_win_rate", "gate_statistic")
+#: The judge settings the eval's comparison uses (pairwise, in both orders). In the eval's
+#: fingerprint where they differ from their defaults, and only for evals that compare: an eval
+#: made before they were part of it keeps its fingerprint with default judge settings, and
+#: the migration 0005_eval_fingerprint_names_its_judge re-fingerprints the others.
+EVAL_JUDGE_SETTINGS = ("verdict", "samples", "temperature", "max_new_tokens",
+                       "pairwise_template")
+
+
+def eval_judge_params(cfg: Config, baseline: str | None) -> dict:
+    """What the eval's fingerprint holds of the judge: its settings (those the comparison
+    uses, where changed) when the eval compares against a baseline with the LLM judge."""
+    if not baseline or not cfg.eval.judge:
+        return {}
+    settings = changed(cfg.judge, EVAL_JUDGE_SETTINGS)
+    return {"judge_settings": settings} if settings else {}
 
 
 def evaluate(ctx: Context, round_: int, model: str, baseline: str | None,
@@ -395,9 +441,9 @@ def evaluate(ctx: Context, round_: int, model: str, baseline: str | None,
     from flywheel.stages import evaluate as stage
 
     cfg = ctx.cfg
-    params = {"round": round_, **{k: v for k, v in vars(cfg.eval).items() if k not in _GATE},
-              "sha256": file_hash(cfg.eval.prompts_file),
-              **_gen_params(cfg), "judge": cfg.models.judge or "start-model"}
+    params = {"round": round_, **shaping(cfg.eval), "sha256": file_hash(cfg.eval.prompts_file),
+              **_gen_params(cfg), "judge": cfg.models.judge or "start-model",
+              **eval_judge_params(cfg, baseline)}
     parents = [model] + ([baseline] if baseline else []) + ([baseline_eval] if baseline_eval
                                                              else [])
 
@@ -414,7 +460,7 @@ def evaluate(ctx: Context, round_: int, model: str, baseline: str | None,
         items = items.reindex(columns=stage.ITEM_COLUMNS)
         return {"evals": pd.DataFrame([row]), "eval_items": items}, {}
 
-    return _stage(ctx, "eval", round_, params, parents, compute)
+    return _stage(ctx, "eval", round_, params, parents, compute, code=stage.CODE_VERSION)
 
 
 def _log_over_context(ctx: Context, round_: int, kind: str, errors: list[str]) -> None:
@@ -431,9 +477,7 @@ def _answers(ctx: Context, model: str, prompts: pd.DataFrame,
 
     m = _model(ctx, model)
     if earlier_eval:
-        old = ctx.catalog.df(
-            "SELECT i.* FROM eval_items i JOIN models m ON m.version_id = i.model_version "
-            "WHERE i.version_id = ? AND m.content_hash = ?", [earlier_eval, m["content_hash"]])
+        old = queries.earlier_eval_answers(ctx.catalog, earlier_eval, m["content_hash"])
         if len(old) == len(prompts):
             return old[["prompt_id", "text", "finish_reason", "checks", "pass_fraction"]]
     return answers(ctx.backend, m["path"], prompts, ctx.cfg.eval.max_new_tokens)
@@ -476,46 +520,103 @@ def _compare(ctx: Context, items: pd.DataFrame, prompts: pd.DataFrame, model: st
 # -- the promotion gate -----------------------------------------------------------------------
 def gate(ctx: Context, round_: int, model: str, ev: str, policy: str, policy_eval: str,
          previous_gate: str | None) -> str:
-    """Promote the round's model to policy, or reject it and keep the current policy.
-
-    The eval's win rate against the current policy (or an end of its 95% interval, see
-    `eval.gate_statistic`) must reach `eval.min_win_rate`. The decision is a version of kind
-    `gate` (table `gates`) whose parents are the eval, the candidate, the current policy and the
-    previous round's gate, so the chain of rounds, rejected ones included, is a join.
+    """Promote the round's model to policy, or reject it and keep the current policy
+    (`flywheel.stages.gate`). The decision is a version of kind `gate` (table `gates`) whose
+    parents are the eval, the candidate, the current policy and the previous round's gate, so
+    the chain of rounds, rejected ones included, is a join.
     """
-    e = ctx.cfg.eval
-    params = {"round": round_, "min_win_rate": e.min_win_rate, "statistic": e.gate_statistic}
+    from flywheel.stages.gate import CODE_VERSION, decide
+
+    params = {"round": round_, **shaping(ctx.cfg.eval, "gate")}
 
     def compute(fp):
-        row = ctx.catalog.rows("eval", ev).iloc[0]
-        column = {"point": "win_rate", "ci_low": "ci_low", "ci_high": "ci_high"}
-        raw = row[column[e.gate_statistic]]
-        value = None if raw is None or (isinstance(raw, float) and math.isnan(raw)) \
-            else float(raw)
-        label = "win rate" if e.gate_statistic == "point" else f"win rate {e.gate_statistic}"
-        if e.min_win_rate == 0:
-            promoted, reason = True, "eval.min_win_rate is 0: every model is promoted"
-        elif value is None:
-            promoted, reason = False, f"no {label} to compare (the eval has no comparison)"
-        else:
-            promoted = value >= e.min_win_rate
-            sign = ">=" if promoted else "<"
-            reason = (f"{label} {value:.3f} {sign} eval.min_win_rate {e.min_win_rate:.3f} "
-                      f"(wins {row.wins}, losses {row.losses}, ties {row.ties})")
-        if not promoted:
-            reason += f"; the next round starts from {policy} again"
-        out = {"model_version": model, "eval_version": ev, "promoted": promoted,
-               "reason": reason, "statistic": e.gate_statistic, "value": value,
-               "threshold": e.min_win_rate,
-               "policy_version": model if promoted else policy,
-               "policy_eval": ev if promoted else policy_eval}
-        return {"gates": pd.DataFrame([out])}, {"promoted": promoted}
+        row = decide(ctx.catalog.rows("eval", ev).iloc[0].to_dict(), ctx.cfg.eval, model=model,
+                     eval_version=ev, policy=policy, policy_eval=policy_eval)
+        return {"gates": pd.DataFrame([row])}, {"promoted": row["promoted"]}
 
     parents = [ev, model, policy] + ([previous_gate] if previous_gate else [])
-    return _stage(ctx, "gate", round_, params, parents, compute)
+    return _stage(ctx, "gate", round_, params, parents, compute, code=CODE_VERSION)
 
 
-# -- the round and the loop -------------------------------------------------------------------
+# -- the round, declared once -----------------------------------------------------------------
+@dataclass
+class RoundState:
+    """What a round's stages read and write: version ids. The loop fills the inputs; each
+    stage sets its `output`."""
+
+    round: int
+    pool: list[str]  # the prompts versions before this round (seeds, ingested, earlier rounds)
+    policy: str  # the model the round starts from (the last promoted one)
+    policy_eval: str  # the eval holding that model's answers
+    base: str  # the round-0 model
+    previous_pairs: str | None = None
+    previous_gate: str | None = None
+    prompts: str = ""
+    samples: str = ""
+    judgments: str = ""
+    pairs: str = ""
+    model: str = ""
+    eval: str = ""
+    gate: str = ""
+
+    @property
+    def prompt_versions(self) -> list[str]:
+        """The pool the round's later stages read: earlier prompts plus the round's own."""
+        return [*self.pool, self.prompts]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the round: what it is called, the kind of version it makes (its table is
+    `flywheel.catalog.TABLES[kind]`), the RoundState fields it reads, the function that
+    computes (or reuses) it, and the config sections whose settings shape it (each setting
+    declares how: flywheel.config `fp=`)."""
+
+    name: str  # the Prefect task's name, and the log's
+    kind: str
+    output: str  # the RoundState field it sets
+    inputs: tuple[str, ...]
+    run: Callable[[Context, RoundState], str]
+    sections: tuple[str, ...]
+    calls_model: bool = False  # generates with a model: retried when the model is remote
+
+    def __call__(self, ctx: Context, state: RoundState) -> str:
+        return self.run(ctx, state)
+
+
+#: The round: one entry per stage, in order. `run_round` (plain Python) and the Prefect flow
+#: (flows/iterate.py: one task per entry) both run exactly this list. Adding a stage is one
+#: entry here, its function above and its table (flywheel/tables.py, with a migration).
+ROUND: tuple[Stage, ...] = (
+    Stage("prompts", "prompts", "prompts", ("pool", "policy"),
+          lambda ctx, s: generate_prompts(ctx, s.round, s.pool, s.policy),
+          ("prompts", "models"), calls_model=True),
+    Stage("samples", "samples", "samples", ("prompts", "pool", "policy"),
+          lambda ctx, s: sample(ctx, s.round, s.prompts, s.pool, s.policy),
+          ("sampling", "models", "train.method"), calls_model=True),
+    Stage("judgments", "judgments", "judgments", ("samples", "prompt_versions", "policy"),
+          lambda ctx, s: judge(ctx, s.round, s.samples, s.prompt_versions, s.policy),
+          ("judge", "models"), calls_model=True),
+    Stage("pairs", "pairs", "pairs", ("judgments", "samples", "prompt_versions"),
+          lambda ctx, s: build_pairs(ctx, s.round, s.judgments, s.samples, s.prompt_versions),
+          ("pairs", "judge.mode", "train.method")),
+    Stage("train", "model", "model",
+          ("pairs", "prompt_versions", "policy", "previous_pairs", "base"),
+          lambda ctx, s: train(ctx, s.round, s.pairs, s.prompt_versions, s.policy,
+                               previous_pairs=s.previous_pairs, base=s.base),
+          ("train",)),
+    Stage("eval", "eval", "eval", ("model", "policy", "policy_eval"),
+          lambda ctx, s: evaluate(ctx, s.round, s.model, s.policy, s.policy_eval),
+          ("eval", "judge", "models"), calls_model=True),
+    Stage("gate", "gate", "gate", ("eval", "model", "policy", "policy_eval", "previous_gate"),
+          lambda ctx, s: gate(ctx, s.round, s.model, s.eval, s.policy, s.policy_eval,
+                              s.previous_gate),
+          ("eval.min_win_rate", "eval.gate_statistic")),
+)
+STAGES: dict[str, Stage] = {st.name: st for st in ROUND}
+
+
+# -- the loop -----------------------------------------------------------------------------------
 @dataclass
 class RoundResult:
     round: int
@@ -530,41 +631,70 @@ class RoundResult:
     policy: str = ""  # the model the next round starts from
     new: bool = True  # whether any of the round's versions was computed by this run
 
+    @classmethod
+    def of(cls, state: RoundState, new: bool) -> RoundResult:
+        return cls(state.round, state.prompts, state.samples, state.judgments, state.pairs,
+                   state.model, state.eval, state.gate, new=new)
+
+
+@contextmanager
+def prepared(cfg: Config, run_id: str, command: str = "") -> Iterator[runlock.Held]:
+    """Check every input (preflight), then take the workspace lock for the run; released
+    however the block ends. `flywheel iterate` takes it before Prefect starts, so a second
+    run, or bad input, stops at once; `running` inside it does not take either again."""
+    if runlock.is_locked(cfg.catalog_path()):
+        # a second run stops at once, before the preflight loads models: acquire names the
+        # holder (and should the holder have just finished, lets go at once)
+        runlock.acquire(cfg.catalog_path(), run_id, command)
+        runlock.release(cfg.catalog_path())
+    preflight(cfg)
+    runlock.acquire(cfg.catalog_path(), run_id, command)
+    try:
+        yield runlock.held(cfg.catalog_path())
+    finally:
+        runlock.release(cfg.catalog_path())
+
 
 @contextmanager
 def running(cfg: Config, run_id: str | None = None, command: str = "") -> Iterator[Context]:
-    """A run: check inputs, take the workspace lock, record the run and its end (finish; fail
-    with the stage and the error; or interrupted by a signal, with the stage); the lock is
-    released however the run ends."""
-    preflight(cfg)
-    ctx = context(cfg, run_id)
-    stale = runlock.acquire(cfg.catalog_path(), ctx.run_id, command)
-    try:
-        ctx.catalog.init()
-        if stale is not None and stale.run_id != ctx.run_id:
-            ctx.log(f"the lock of {stale.describe()} was left by a process that no longer "
-                    "runs: taken over; finished stages are reused, the interrupted one redone")
-            ctx.catalog.event(stale.run_id, "killed", detail={"detected_by": ctx.run_id})
-        ctx.catalog.record_run(ctx.run_id, cfg.to_dict(), command)
-        ctx.catalog.event(ctx.run_id, "start", detail={
-            "pid": os.getpid(), "host": socket.gethostname(), "command": command,
-            "took_over": stale.run_id if stale else None})
-        try:
+    """A run: check inputs and take the workspace lock (unless this process holds it for the
+    run already: see `prepared`), record the run and its end (finish; fail with the stage and
+    the error; or interrupted by a signal, with the stage); the lock is released however the
+    run ends."""
+    held = runlock.held(cfg.catalog_path())
+    if held is None:
+        with prepared(cfg, run_id or new_run_id(), command) as held, \
+                running(cfg, held.holder.run_id, command) as ctx:
             yield ctx
-        except BaseException as exc:
+        return
+    if run_id and run_id != held.holder.run_id:
+        raise FlywheelError(f"this process holds the lock of {cfg.catalog_path()} for run "
+                            f"{held.holder.run_id}, not {run_id}")
+    ctx = context(cfg, held.holder.run_id)
+    stale = held.stale
+    ctx.catalog.init()
+    if stale is not None and stale.run_id != ctx.run_id:
+        ctx.log(f"the lock of {stale.describe()} was left by a process that no longer "
+                "runs: taken over; finished stages are reused, the interrupted one redone")
+        ctx.catalog.event(stale.run_id, "killed", detail={"detected_by": ctx.run_id})
+    ctx.catalog.record_run(ctx.run_id, cfg.to_dict(), command)
+    ctx.catalog.event(ctx.run_id, "start", detail={
+        "pid": os.getpid(), "host": socket.gethostname(), "command": command,
+        "took_over": stale.run_id if stale else None})
+    try:
+        yield ctx
+    except BaseException as exc:
+        if isinstance(exc, Interrupted):
+            exc.round, exc.stage = ctx.stage or (None, None)
+        try:
+            with interrupt.deferred():  # a second Ctrl-C does not cut the record short
+                _record_end(ctx, exc, command)
             if isinstance(exc, Interrupted):
-                exc.round, exc.stage = ctx.stage or (None, None)
-            try:
-                with interrupt.deferred():  # a second Ctrl-C does not cut the record short
-                    _record_end(ctx, exc, command)
-                if isinstance(exc, Interrupted):
-                    exc.recorded = True
-            except Exception:  # the failure being reported matters more
-                pass
-            raise
-        ctx.catalog.event(ctx.run_id, "finish")
-    finally:
-        runlock.release(cfg.catalog_path())
+                exc.recorded = True
+        except Exception:  # the failure being reported matters more
+            pass
+        raise
+    ctx.catalog.event(ctx.run_id, "finish")
 
 
 def _record_end(ctx: Context, exc: BaseException, command: str) -> None:
@@ -627,6 +757,12 @@ class Loop:
         far plus those it has still to compute (what `--rounds` says after an interrupt)."""
         return self.round + rounds - self.new_rounds if continue_ else rounds
 
+    def next_round(self, round_: int) -> RoundState:
+        """The inputs of round `round_`, which starts from here."""
+        return RoundState(round=round_, pool=list(self.pool), policy=self.policy,
+                          policy_eval=self.policy_eval, base=self.base,
+                          previous_pairs=self.previous_pairs, previous_gate=self.previous_gate)
+
     def advance(self, res: RoundResult) -> None:
         self.pool = [*self.pool, res.prompts]
         if res.promoted:
@@ -636,20 +772,12 @@ class Loop:
 
 
 def run_round(ctx: Context, round_: int, loop: Loop) -> RoundResult:
-    """One round: prompts -> samples -> judgments -> pairs -> model -> eval -> gate."""
+    """One round: the stages of ROUND in order, without Prefect."""
     made = ctx.made
-    pool, policy = loop.pool, loop.policy
-    new = generate_prompts(ctx, round_, pool, policy)
-    versions = [*pool, new]
-    samples = sample(ctx, round_, new, pool, policy)
-    judgments = judge(ctx, round_, samples, versions, policy)
-    pairs = build_pairs(ctx, round_, judgments, samples, versions)
-    model = train(ctx, round_, pairs, versions, policy, previous_pairs=loop.previous_pairs,
-                  base=loop.base)
-    ev = evaluate(ctx, round_, model, policy, loop.policy_eval)
-    g = gate(ctx, round_, model, ev, policy, loop.policy_eval, loop.previous_gate)
-    return finish_round(ctx, RoundResult(round_, new, samples, judgments, pairs, model, ev, g,
-                                         new=ctx.made > made))
+    state = loop.next_round(round_)
+    for stage in ROUND:
+        setattr(state, stage.output, stage(ctx, state))
+    return finish_round(ctx, RoundResult.of(state, new=ctx.made > made))
 
 
 def finish_round(ctx: Context, res: RoundResult) -> RoundResult:
@@ -666,9 +794,7 @@ def finish_round(ctx: Context, res: RoundResult) -> RoundResult:
 
 def ingested_prompts(ctx: Context) -> list[str]:
     """Every prompts version `flywheel ingest` made, oldest first: the pool after the seeds."""
-    df = ctx.catalog.df("SELECT version_id FROM versions WHERE kind = 'prompts' "
-                        "AND params->>'source' = 'ingest' ORDER BY created_at")
-    return list(df.version_id)
+    return queries.ingested_prompt_versions(ctx.catalog)
 
 
 def start_loop(ctx: Context, seeds: str, base: str, base_eval: str) -> Loop:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from flywheel.catalog import Catalog
+from flywheel.catalog import Catalog, queries
 
 #: (column of round_summary, header, formatter)
 COLUMNS = [
@@ -29,23 +29,18 @@ COLUMNS = [
 def lineage_evals(catalog: Catalog, last_eval: str | None = None) -> list[str]:
     """The eval versions of one lineage, newest last: `last_eval` (default: the newest eval)
     and the rounds before it, back to round 1. Rounds are followed through their gates, so a
-    rejected round is in the list; catalogs without gates follow each eval's baseline."""
+    rejected round is in the list; rounds without gates follow each eval's baseline."""
     if last_eval is None:
-        latest = catalog.df("SELECT version_id FROM versions WHERE kind = 'eval' AND round >= 1 "
-                            "ORDER BY created_at DESC LIMIT 1")
-        if latest.empty:
+        last_eval = queries.latest_eval(catalog)
+        if last_eval is None:
             return []
-        last_eval = latest.version_id.iloc[0]
-    gates = catalog.df(
-        "WITH RECURSIVE chain(gate, depth) AS ("
-        "  SELECT version_id, 0 FROM gates WHERE eval_version = ?"
-        "  UNION ALL SELECT p.version_id, c.depth + 1 FROM chain c"
-        "  JOIN versions g ON g.version_id = c.gate"
-        "  JOIN versions p ON p.kind = 'gate' AND list_contains(g.parents, p.version_id))"
-        "SELECT g.eval_version FROM chain c JOIN gates g ON g.version_id = c.gate "
-        "ORDER BY c.depth DESC", [last_eval])
-    if not gates.empty:
-        return list(dict.fromkeys(gates.eval_version))
+    gated = queries.gated_evals(catalog, last_eval)
+    if gated:
+        return gated
+    # Data, not schema: rounds made before the promotion gate existed (flywheel before
+    # run_events and gates) have no gate version. Their catalog has the gates table (migration
+    # 0002 adds it, empty; a reader of an unmigrated one is told to run `flywheel migrate`),
+    # so the lineage of such rounds is followed through each eval's parent eval instead.
     chain, current = [], last_eval
     while current:
         v = catalog.get(current)
@@ -60,10 +55,8 @@ def summary_rows(catalog: Catalog, last_eval: str | None = None) -> list[dict]:
     """round_summary rows of one lineage (see `lineage_evals`), with a formatted CI column and
     the gate's decision (promoted / rejected)."""
     evals = lineage_evals(catalog, last_eval)
-    df = catalog.df("SELECT * FROM round_summary WHERE eval_version IN (SELECT unnest(?)) "
-                    "ORDER BY round", [evals])
-    gates = catalog.df("SELECT eval_version, promoted, reason FROM gates "
-                       "WHERE eval_version IN (SELECT unnest(?))", [evals])
+    df = queries.round_summary(catalog, evals)
+    gates = queries.gate_decisions(catalog, evals)
     decided = {e: (bool(p), r) for e, p, r in zip(gates.eval_version, gates.promoted,
                                                    gates.reason)}
     rows = []

@@ -21,12 +21,13 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import IO
 
 from flywheel.errors import FlywheelError
 
 #: lock path -> [open file, holder info, depth, the dead holder taken over]. Re-entrant within
 #: one process, so the CLI can take the lock before Prefect starts and its flow take it again.
-_HELD: dict[str, list] = {}
+_HELD: dict[str, Held] = {}
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,21 @@ def read_holder(catalog: str | Path) -> Holder | None:
         return None
 
 
+@dataclass
+class Held:
+    """The lock this process holds on a workspace: the open lock file, who holds it (this
+    run), and the dead holder whose leftover lock was taken over, if any."""
+
+    file: IO[str]
+    holder: Holder
+    stale: Holder | None
+
+
+def held(catalog: str | Path) -> Held | None:
+    """The lock this process holds on the catalog's workspace, or None."""
+    return _HELD.get(str(lock_path(catalog).resolve()))
+
+
 def is_locked(catalog: str | Path) -> bool:
     """Whether a live process holds the lock now (this process included)."""
     path = lock_path(catalog)
@@ -89,9 +105,9 @@ def acquire(catalog: str | Path, run_id: str, command: str = "", *, wait: float 
     path = lock_path(catalog)
     path.parent.mkdir(parents=True, exist_ok=True)
     key = str(path.resolve())
-    if key in _HELD:
-        _HELD[key][2] += 1
-        return _HELD[key][3]
+    if key in _HELD:  # one holder per process: whoever took it releases it
+        raise FlywheelError(f"this process holds the lock of {catalog} already (run "
+                            f"{_HELD[key].holder.run_id}): a run is not started twice")
     deadline = time.monotonic() + max(wait, 0.0)
     f = open(path, "a+")
     while True:
@@ -122,21 +138,17 @@ def acquire(catalog: str | Path, run_id: str, command: str = "", *, wait: float 
     f.write(json.dumps(holder.__dict__))
     f.flush()
     os.fsync(f.fileno())
-    _HELD[key] = [f, holder, 1, stale]
+    _HELD[key] = Held(f, holder, stale)
     return stale
 
 
 def release(catalog: str | Path) -> None:
-    """Drop one hold of the lock; the last one empties the file and unlocks it."""
+    """Release the lock this process holds: empty the file and unlock it."""
     key = str(lock_path(catalog).resolve())
-    entry = _HELD.get(key)
+    entry = _HELD.pop(key, None)
     if entry is None:
         return
-    entry[2] -= 1
-    if entry[2] > 0:
-        return
-    f = entry[0]
-    del _HELD[key]
+    f = entry.file
     try:
         f.seek(0)
         f.truncate()

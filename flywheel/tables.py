@@ -159,11 +159,3 @@ def columns(table: str) -> list[str]:
     """The columns a stage fills in `table`: all but `version_id`, in the table's order."""
     return [c for c, _, _ in TABLES[table] if c != "version_id"]
 
-
-def create_table(table: str) -> str:
-    """`CREATE TABLE IF NOT EXISTS` for one table, with each column's comment."""
-    cols = TABLES[table]
-    width = max(len(c) for c, _, _ in cols)
-    body = "\n".join(f"    {c:<{width}} {t}{',' if i < len(cols) - 1 else ''}"
-                     + (f"  -- {cm}" if cm else "") for i, (c, t, cm) in enumerate(cols))
-    return f"CREATE TABLE IF NOT EXISTS {table} (\n{body}\n);"

@@ -1,7 +1,14 @@
-"""Render the Jinja2 prompt templates in ``prompts/`` and fingerprint them.
+"""Render the Jinja2 prompt templates and fingerprint them.
 
-Templates use ``StrictUndefined``: a variable the caller forgot is an error,
-never a silently empty string inside a judge prompt.
+The default templates ship inside the package (``flywheel/default_prompts/``), so an installed
+flywheel renders prompts from any directory. A template named in the config is looked up first
+in ``prompts/`` of the current directory (where users read, copy and override them; in a
+checkout of the repository that is the top-level ``prompts/``, byte-identical to the packaged
+defaults), then among the packaged defaults. ``template_hash`` fingerprints the file actually
+used, so an override changes the judgments' fingerprints and a copy of a default does not.
+
+Templates use ``StrictUndefined``: a variable the caller forgot is an error, never a silently
+empty string inside a judge prompt.
 """
 
 from __future__ import annotations
@@ -14,35 +21,49 @@ import jinja2
 
 from flywheel.errors import FlywheelError
 
-TEMPLATE_DIR: Path = Path(__file__).resolve().parent.parent / "prompts"
+#: The default templates (and their README), shipped as package data.
+TEMPLATE_DIR: Path = Path(__file__).resolve().parent / "default_prompts"
+
+#: The user's templates: ``prompts/`` relative to the current directory, looked up first (like
+#: every relative path in a config, it is read from the directory flywheel runs in).
+USER_TEMPLATE_DIR: Path = Path("prompts")
 
 _UNDEFINED_NAME = re.compile(r"'([^']+)' is undefined")
 
 
-def _resolve_dir(template_dir: str | Path | None) -> Path:
-    """Return the template directory to use (the repo's ``prompts/`` by default)."""
-    return Path(template_dir) if template_dir is not None else TEMPLATE_DIR
+def search_path(template_dir: str | Path | None = None) -> list[Path]:
+    """The folders a template is looked up in, in order: ``[template_dir]`` when one is given,
+    else ``./prompts`` (absolute, from the current directory) and then the packaged defaults."""
+    if template_dir is not None:
+        return [Path(template_dir)]
+    return [USER_TEMPLATE_DIR.absolute(), TEMPLATE_DIR]
 
 
 def available_templates(template_dir: str | Path | None = None) -> list[str]:
-    """Sorted file names of the ``*.j2`` templates in ``template_dir``."""
-    directory = _resolve_dir(template_dir)
-    if not directory.is_dir():
-        return []
-    return sorted(p.name for p in directory.glob("*.j2") if p.is_file())
+    """Sorted file names of the ``*.j2`` templates found in the search path (see
+    ``search_path``); a name present in several folders is listed once."""
+    names = {p.name for d in search_path(template_dir) if d.is_dir()
+             for p in d.glob("*.j2") if p.is_file()}
+    return sorted(names)
 
 
-def _template_path(name: str, template_dir: str | Path | None) -> Path:
-    """Path of template ``name``; FlywheelError listing the choices if it is missing."""
-    directory = _resolve_dir(template_dir)
-    path = directory / name
-    if Path(name).name != name or not path.is_file():
-        available = available_templates(directory)
-        raise FlywheelError(
-            f"unknown template {name!r} in {directory}",
-            details=[f"available templates: {', '.join(available) or '(none)'}"],
-        )
-    return path
+def find_template(name: str, template_dir: str | Path | None = None) -> Path:
+    """The file template ``name`` resolves to: the first folder of the search path that has it.
+
+    Raises FlywheelError naming every folder searched and the templates available."""
+    folders = search_path(template_dir)
+    if Path(name).name == name:
+        for folder in folders:
+            if (folder / name).is_file():
+                return folder / name
+    details = [f"searched: {', then '.join(str(f) for f in folders)}",
+               f"available templates: {', '.join(available_templates(template_dir)) or '(none)'}"]
+    if template_dir is not None:
+        raise FlywheelError(f"unknown template {name!r} in {folders[0]}", details=details)
+    details.append(f"to use a template of your own, put {name} in {folders[0]}, or name an "
+                   "available one in the config")
+    raise FlywheelError(f"unknown template {name!r}: not in prompts/ of the current directory "
+                        "nor among flywheel's default templates", details=details)
 
 
 def render(
@@ -53,7 +74,7 @@ def render(
     Raises FlywheelError for an unknown template, a syntax error, or a variable
     the template uses but the caller did not pass.
     """
-    path = _template_path(name, template_dir)
+    path = find_template(name, template_dir)
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(path.parent)),
         undefined=jinja2.StrictUndefined,
@@ -69,18 +90,20 @@ def render(
         raise FlywheelError(
             f"template {name!r} needs variable {missing!r}, which was not given",
             details=[
+                f"template file: {path}",
                 f"given: {', '.join(sorted(variables)) or '(none)'}",
                 f"jinja2: {exc}",
             ],
         ) from exc
     except jinja2.TemplateSyntaxError as exc:
         raise FlywheelError(
-            f"template {name!r} has a syntax error at line {exc.lineno}: {exc.message}"
+            f"template {name!r} has a syntax error at line {exc.lineno}: {exc.message}",
+            details=[f"template file: {path}"],
         ) from exc
     return text.strip()
 
 
 def template_hash(name: str, template_dir: str | Path | None = None) -> str:
-    """First 16 hex chars of the sha256 of the template file's bytes."""
-    path = _template_path(name, template_dir)
+    """First 16 hex chars of the sha256 of the bytes of the file ``name`` resolves to."""
+    path = find_template(name, template_dir)
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]

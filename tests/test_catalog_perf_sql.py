@@ -333,6 +333,7 @@ def test_catalog_made_before_the_indexes_opens_and_gets_them(tmp_path, built):
         for col in ("sample_id", "sample_a", "sample_b"):  # what the previous release indexed
             con.execute(f"CREATE INDEX judgments_{col} ON judgments ({col})")
         con.execute(f"CREATE OR REPLACE VIEW pair_lineage AS {REF_PAIR_LINEAGE}")
+        con.execute("DROP TABLE migrations")  # the previous release had none
         before = con.execute("SELECT count(*) FROM judgments").fetchall()
     cat = Catalog(old)
     assert len(cat.df("SELECT * FROM pair_lineage WHERE pair_id = ?", [built["pair_id"]])) == 1

@@ -117,12 +117,18 @@ def test_gate_and_operational_settings_leave_fingerprints_alone():
     """The gate is its own version: its settings must not change the eval's fingerprint; nor
     must checkpoint_steps change the model's; data_mix/reference at their defaults are left out
     so models trained before they existed keep their ids."""
-    from flywheel.pipeline import _GATE, _OPERATIONAL_TRAIN, _TRAIN_DEFAULTS
+    from flywheel.config import shaping
 
     cfg = config_from_dict(load_config(None, []).to_dict())
-    assert set(_GATE) == {"min_win_rate", "gate_statistic"} <= set(vars(cfg.eval))
-    assert "checkpoint_steps" in _OPERATIONAL_TRAIN
-    assert _TRAIN_DEFAULTS == {"data_mix": cfg.train.data_mix, "reference": cfg.train.reference}
+    assert shaping(cfg.eval, "gate") == {"min_win_rate": 0.0, "statistic": "point"}
+    assert not {"min_win_rate", "gate_statistic"} & set(shaping(cfg.eval))
+    assert "checkpoint_steps" not in shaping(cfg.train)
+    assert not {"data_mix", "reference"} & set(shaping(cfg.train))
+    changed = config_from_dict({"train": {"data_mix": "current+previous", "reference": "base",
+                                          "checkpoint_steps": 7}})
+    assert shaping(changed.train)["data_mix"] == "current+previous"
+    assert shaping(changed.train)["reference"] == "base"
+    assert "checkpoint_steps" not in shaping(changed.train)
 
 
 # -- real rounds ---------------------------------------------------------------------------

@@ -510,7 +510,7 @@ def test_ambiguous_verdicts_are_stored_flagged_and_excluded_from_pairs() -> None
     assert set(p1.error) == {"ambiguous: different verdicts ([[B]], [[A]]) in the final "
                              "verdict paragraph"}
     assert set(p1.rationale) == {"B is clearer. [[B]]. It is definitely not"}
-    pairs = build_pairs(SAMPLES, rows, _pairs_cfg(), "salt")
+    pairs = build_pairs(SAMPLES, rows, _pairs_cfg(), "salt", mode="pairwise")
     assert list(pairs.prompt_id) == ["p2"]
     assert (pairs.chosen_id.iloc[0], pairs.rejected_id.iloc[0]) == ("t_a", "t_b")
 

@@ -3,6 +3,7 @@ content hashes cached in the workspace instead of the model folder."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -181,7 +182,7 @@ def test_the_default_limit_leaves_the_prompts_fingerprint_alone(monkeypatch):
 
     captured = {}
     monkeypatch.setattr(pipeline, "model_hash", lambda *a, **kw: "0123456789abcdef")
-    monkeypatch.setattr(pipeline, "_stage", lambda ctx, kind, r, params, parents, compute:
+    monkeypatch.setattr(pipeline, "_stage", lambda ctx, kind, r, params, parents, compute, code:
                         captured.setdefault(len(captured), params) and "v")
 
     class Ctx:
@@ -196,7 +197,11 @@ def test_the_default_limit_leaves_the_prompts_fingerprint_alone(monkeypatch):
     default = params()
     assert "max_prompt_tokens" not in default
     assert fingerprint("prompts", default, ["a" * 20, "b" * 20]) == "139f12400eb906130586"
-    assert pipeline._PROMPTS_DEFAULTS == {"max_prompt_tokens": PromptsConfig().max_prompt_tokens}
+    # it joined the fingerprint after prompts versions were made: declared ADDED
+    from flywheel.config import ADDED
+
+    meta = {f.name: f.metadata for f in dataclasses.fields(PromptsConfig)}
+    assert meta["max_prompt_tokens"]["fingerprint"] == ADDED
     assert params(f"{KEY}=2048")["max_prompt_tokens"] == 2048
 
 

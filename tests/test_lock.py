@@ -87,13 +87,18 @@ def test_acquire_names_the_holder_and_release_clears_it(db):
     runlock.release(db)  # not held: nothing to do
 
 
-def test_reentrant_in_one_process(db):
+def test_one_hold_per_process_and_held_names_the_run(db):
+    """The lock is taken once per run (the CLI takes it; the flow inside finds it held and
+    does not take it again): a second acquire in the same process is refused, naming the run,
+    and `held` says who holds it here."""
+    assert runlock.held(db) is None
     assert runlock.acquire(db, "run-a") is None
-    assert runlock.acquire(db, "run-a") is None  # the CLI, then its flow
-    runlock.release(db)
+    assert runlock.held(db).holder.run_id == "run-a"
+    with pytest.raises(FlywheelError, match="holds the lock of .* already \\(run run-a\\)"):
+        runlock.acquire(db, "run-a")
     assert runlock.is_locked(db) and _probe(db).startswith("refused:")
-    assert runlock.read_holder(db).run_id == "run-a"
     runlock.release(db)
+    assert runlock.held(db) is None
     assert not runlock.is_locked(db) and _probe(db) == "acquired"
 
 
@@ -120,8 +125,7 @@ def test_the_lock_of_a_killed_holder_is_taken_over(db, holder_process):
     assert runlock.read_holder(db) == held
     assert runlock.acquire(db, "run-b") == held  # the dead holder, returned for the record
     assert runlock.read_holder(db).run_id == "run-b"
-    assert runlock.acquire(db, "run-b") == held  # re-entered: the same answer
-    runlock.release(db)
+    assert runlock.held(db).stale == held  # what the run inside the CLI records as killed
     runlock.release(db)
     assert runlock.read_holder(db) is None
 

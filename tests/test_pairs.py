@@ -319,9 +319,9 @@ def test_consistent_wins_counts_only_wins_in_both_orders() -> None:
 def test_pairwise_mode_ranks_by_consistent_wins() -> None:
     s = samples_df(smp("s_a", "p1"), smp("s_b", "p1"), smp("s_c", "p1"))
     j = _round_robin_judgments()
-    assert [(x.sample_id, x.llm) for x in standings(s, j)["p1"]] == [
+    assert [(x.sample_id, x.llm) for x in standings(s, j, "pairwise")["p1"]] == [
         ("s_a", 2.0), ("s_b", 1.0), ("s_c", 0.0)]
-    [row] = build_pairs(s, j, cfg(), SALT).itertuples()
+    [row] = build_pairs(s, j, cfg(), SALT, mode="pairwise").itertuples()
     assert (row.chosen_id, row.rejected_id, row.rule) == ("s_a", "s_c", "llm+pairwise")
     assert (row.chosen_score, row.rejected_score, row.margin) == (2.0, 0.0, 2.0)
     assert list(row.judgment_ids) == ["ac_ab", "ac_ba"]
@@ -329,14 +329,26 @@ def test_pairwise_mode_ranks_by_consistent_wins() -> None:
 
 def test_pairwise_mode_margin_below_minimum_dropped() -> None:
     s = samples_df(smp("s_a", "p1"), smp("s_b", "p1"), smp("s_c", "p1"))
-    assert build_pairs(s, _round_robin_judgments(), cfg(min_margin=2.5), SALT).empty
+    assert build_pairs(s, _round_robin_judgments(), cfg(min_margin=2.5), SALT,
+                       mode="pairwise").empty
+
+
+def test_the_judge_mode_is_given_not_guessed() -> None:
+    """Wins in both orders are the LLM score in pairwise mode only: in hybrid mode the same
+    judgments without pointwise scores leave nothing to rank (the pairwise judgments there only
+    confirm a pointwise order), where guessing from the judgment types would rank by wins."""
+    s = samples_df(smp("s_a", "p1"), smp("s_b", "p1"), smp("s_c", "p1"))
+    j = _round_robin_judgments()
+    assert [x.llm for x in standings(s, j, "hybrid")["p1"]] == [None, None, None]
+    assert build_pairs(s, j, cfg(), SALT, mode="hybrid").empty
+    assert len(build_pairs(s, j, cfg(), SALT, mode="pairwise")) == 1
 
 
 def test_pointwise_scores_take_precedence_over_wins() -> None:
     s = samples_df(smp("s_a", "p1"), smp("s_b", "p1"))
     j = judgments_df(pt("j_a", "s_a", "p1", 1.0), pt("j_b", "s_b", "p1", 4.0),
                      *both_orders("ab", "p1", "s_a", "s_b", "A", "B"))
-    st = standings(s, j)["p1"]
+    st = standings(s, j, "hybrid")["p1"]
     assert [(x.sample_id, x.llm) for x in st] == [("s_a", 1.0), ("s_b", 4.0)]
     # the pointwise best (s_b) lost the pairwise comparison in both orders: dropped
     assert build_pairs(s, j, cfg(), SALT).empty

@@ -100,3 +100,13 @@ def get_backend(name: str, *, device: str = "cpu", dtype: str = "float32", batch
     raise FlywheelError(
         f"unknown backend {name!r}", details=["models.backend must be one of: transformers"]
     )
+
+
+#: Backends whose models run behind a network service (a request can fail for a moment and
+#: is worth retrying); the in-process ones are not listed.
+REMOTE_BACKENDS: frozenset[str] = frozenset()
+
+
+def is_remote(name: str) -> bool:
+    """Whether backend `name` generates through a remote service."""
+    return name in REMOTE_BACKENDS

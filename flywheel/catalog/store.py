@@ -8,13 +8,16 @@ fingerprint (kind + params + parents' fingerprints + code version) is already st
 not recomputed.
 
 The write connection is opened only for the length of a commit, so other processes can read
-the file (`flywheel sql`) between commits.
+the file (`flywheel sql`) between commits. Before its first write a Catalog brings the file up
+to date (flywheel.catalog.migrations); a read of a table or view an older file lacks says
+which command migrates it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import time
 import uuid
@@ -28,6 +31,8 @@ from typing import Any
 import duckdb
 
 from flywheel import faults
+from flywheel.catalog import migrations, schema
+from flywheel.catalog.schema import SCHEMA  # noqa: F401  (re-exported)
 from flywheel.errors import FlywheelError
 from flywheel.hashing import (  # noqa: F401  (re-exported)
     CODE_VERSION,
@@ -36,6 +41,7 @@ from flywheel.hashing import (  # noqa: F401  (re-exported)
     prompt_id,
     stable_id,
 )
+from flywheel.tables import TABLES as _TABLE_COLUMNS
 
 #: rows per row group in what a writer appends (see Catalog._connect)
 ROW_GROUP_SIZE = 30_720
@@ -53,307 +59,6 @@ TABLES = {
     "gate": "gates",
 }
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS versions (
-    version_id   VARCHAR PRIMARY KEY,
-    kind         VARCHAR NOT NULL,
-    run_id       VARCHAR NOT NULL,
-    round        INTEGER NOT NULL,
-    parents      VARCHAR[] NOT NULL,
-    params       JSON NOT NULL,
-    fingerprint  VARCHAR NOT NULL,
-    row_count    BIGINT NOT NULL,
-    created_at   TIMESTAMP NOT NULL
-);
-CREATE TABLE IF NOT EXISTS runs (
-    run_id       VARCHAR PRIMARY KEY,
-    started_at   TIMESTAMP NOT NULL,
-    config       JSON NOT NULL,
-    command      VARCHAR
-);
-CREATE TABLE IF NOT EXISTS run_events (
-    run_id       VARCHAR NOT NULL,
-    event_at     TIMESTAMP NOT NULL,
-    event        VARCHAR NOT NULL,   -- start | stage | made | round | finish | fail
-    round        INTEGER,
-    stage        VARCHAR,            -- the version kind the event is about
-    version_id   VARCHAR,
-    detail       JSON                -- start: pid, host, command; fail: error
-);
-CREATE TABLE IF NOT EXISTS gates (
-    version_id      VARCHAR NOT NULL,
-    model_version   VARCHAR NOT NULL,  -- the candidate the round trained
-    eval_version    VARCHAR NOT NULL,  -- its eval against the current policy
-    promoted        BOOLEAN NOT NULL,
-    reason          VARCHAR NOT NULL,
-    statistic       VARCHAR NOT NULL,  -- point | ci_low | ci_high
-    value           DOUBLE,            -- the win-rate statistic compared
-    threshold       DOUBLE NOT NULL,   -- eval.min_win_rate
-    policy_version  VARCHAR NOT NULL,  -- the model the next round starts from
-    policy_eval     VARCHAR NOT NULL   -- the eval holding that model's answers
-);
-CREATE TABLE IF NOT EXISTS prompts (
-    version_id   VARCHAR NOT NULL,
-    prompt_id    VARCHAR NOT NULL,
-    text         VARCHAR NOT NULL,
-    gold         VARCHAR,
-    constraints  JSON NOT NULL,
-    category     VARCHAR,
-    source       VARCHAR NOT NULL,      -- seed | self-instruct | ingest
-    source_ref   VARCHAR,               -- file:line for seeds, generator model version otherwise
-    examples     VARCHAR[] NOT NULL,    -- prompt_ids of the few-shot examples it came from
-    raw          VARCHAR                -- the generator's raw output (self-instruct)
-);
-CREATE TABLE IF NOT EXISTS samples (
-    version_id        VARCHAR NOT NULL,
-    sample_id         VARCHAR NOT NULL,
-    prompt_id         VARCHAR NOT NULL,
-    model_version     VARCHAR NOT NULL,
-    idx               INTEGER NOT NULL,   -- candidate index; -1 for the SPIN greedy answer
-    greedy            BOOLEAN NOT NULL,
-    text              VARCHAR NOT NULL,
-    finish_reason     VARCHAR NOT NULL,   -- stop | length
-    prompt_tokens     INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    temperature       DOUBLE NOT NULL,
-    top_p             DOUBLE NOT NULL,
-    max_new_tokens    INTEGER NOT NULL,
-    seed              BIGINT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS judgments (
-    version_id     VARCHAR NOT NULL,
-    judgment_id    VARCHAR NOT NULL,
-    type           VARCHAR NOT NULL,   -- pointwise | pairwise | verifier
-    prompt_id      VARCHAR NOT NULL,
-    sample_id      VARCHAR,            -- pointwise / verifier: the judged sample
-    sample_a       VARCHAR,            -- pairwise: shown first
-    sample_b       VARCHAR,            -- pairwise: shown second
-    comparison_id  VARCHAR,            -- pairwise: the unordered comparison (same for both orders)
-    swapped        BOOLEAN,            -- pairwise: false = (first, second), true = order swapped
-    k              INTEGER NOT NULL,   -- judge sample index
-    judge          VARCHAR NOT NULL,   -- model version or verifier name@version
-    judge_path     VARCHAR,
-    judge_hash     VARCHAR,
-    template_hash  VARCHAR,
-    method         VARCHAR NOT NULL,   -- text | logprobs | verifier
-    raw            VARCHAR NOT NULL,
-    rationale      VARCHAR,
-    parsed         BOOLEAN NOT NULL,
-    error          VARCHAR,
-    score          DOUBLE,             -- pointwise score, or 1/0 for a verifier
-    verdict        VARCHAR,            -- pairwise: A | B | C as shown; verifier: pass | fail
-    winner         VARCHAR,            -- pairwise: sample_id of the winner, NULL for a tie
-    probs          JSON
-);
-CREATE TABLE IF NOT EXISTS pairs (
-    version_id      VARCHAR NOT NULL,
-    pair_id         VARCHAR NOT NULL,
-    prompt_id       VARCHAR NOT NULL,
-    chosen_id       VARCHAR NOT NULL,   -- sample_id, or 'gold:<prompt_id>' for SPIN
-    rejected_id     VARCHAR NOT NULL,
-    chosen_text     VARCHAR NOT NULL,
-    rejected_text   VARCHAR NOT NULL,
-    chosen_score    DOUBLE,
-    rejected_score  DOUBLE,
-    margin          DOUBLE,
-    rule            VARCHAR NOT NULL,   -- verifier | llm | spin
-    min_margin      DOUBLE,
-    judgment_ids    VARCHAR[] NOT NULL
-);
-CREATE TABLE IF NOT EXISTS models (
-    version_id     VARCHAR NOT NULL,
-    path           VARCHAR NOT NULL,
-    content_hash   VARCHAR NOT NULL,
-    base_version   VARCHAR,            -- the round's starting model
-    method         VARCHAR,            -- base | dpo | spin | unchanged
-    train_pairs    BIGINT,
-    metrics        JSON NOT NULL
-);
-CREATE TABLE IF NOT EXISTS evals (
-    version_id      VARCHAR NOT NULL,
-    model_version   VARCHAR NOT NULL,
-    baseline_version VARCHAR,
-    n_prompts       INTEGER NOT NULL,
-    wins            INTEGER,
-    losses          INTEGER,
-    ties            INTEGER,
-    win_rate        DOUBLE,
-    ci_low          DOUBLE,
-    ci_high         DOUBLE,
-    llm_flip_rate   DOUBLE,
-    pass_rate       DOUBLE,
-    pass_by_type    JSON NOT NULL
-);
-CREATE TABLE IF NOT EXISTS eval_items (
-    version_id      VARCHAR NOT NULL,
-    prompt_id       VARCHAR NOT NULL,
-    model_version   VARCHAR NOT NULL,
-    text            VARCHAR NOT NULL,
-    finish_reason   VARCHAR NOT NULL,
-    checks          JSON NOT NULL,      -- verifier results for the prompt's constraints
-    pass_fraction   DOUBLE,
-    baseline_text   VARCHAR,
-    verdict_ab      VARCHAR,            -- LLM judge, new shown first
-    verdict_ba      VARCHAR,            -- LLM judge, baseline shown first
-    outcome         VARCHAR             -- win | loss | tie (new vs baseline)
-);
-CREATE OR REPLACE VIEW latest_versions AS
-    SELECT * EXCLUDE (rn) FROM (
-        SELECT *, row_number() OVER (PARTITION BY kind ORDER BY round DESC, created_at DESC) AS rn
-        FROM versions) WHERE rn = 1;
-CREATE OR REPLACE VIEW round_lineage AS
--- one row per round's eval version, with the versions of that round it rests on
-SELECT e.version_id AS eval_version, e.round, e.run_id, e.created_at,
-       ev.model_version, mo.parents[-1] AS start_model, pa.version_id AS pairs_version,
-       ju.version_id AS judgments_version, sa.version_id AS samples_version,
-       pr.version_id AS prompts_version
-FROM versions e
-JOIN evals ev ON ev.version_id = e.version_id
-JOIN versions mo ON mo.version_id = ev.model_version
-JOIN versions pa ON pa.kind = 'pairs' AND pa.round = mo.round
-                 AND list_contains(mo.parents, pa.version_id)
-JOIN versions ju ON ju.kind = 'judgments' AND list_contains(pa.parents, ju.version_id)
-JOIN versions sa ON sa.kind = 'samples' AND list_contains(pa.parents, sa.version_id)
-JOIN versions pr ON pr.kind = 'prompts' AND pr.round = e.round
-                 AND list_contains(sa.parents, pr.version_id)
-WHERE e.kind = 'eval' AND e.round >= 1;
-CREATE OR REPLACE VIEW round_summary AS
-WITH RECURSIVE chain(eval_version, v) AS (
-    SELECT version_id, version_id FROM versions WHERE kind = 'eval'
-    UNION ALL
-    SELECT c.eval_version, y.version_id FROM chain c
-    JOIN versions x ON x.version_id = c.v
-    JOIN versions y ON y.kind = 'eval' AND list_contains(x.parents, y.version_id)),
-base AS (SELECT c.eval_version, ev.pass_rate AS base_pass_rate FROM chain c
-         JOIN versions v ON v.version_id = c.v AND v.round = 0
-         JOIN evals ev ON ev.version_id = c.v),
-jp AS (SELECT l.eval_version,
-              avg(j.score) FILTER (WHERE j.type = 'pointwise' AND j.parsed) AS mean_judge_score,
-              count(*) FILTER (WHERE j.type <> 'verifier' AND NOT j.parsed) AS parse_failures,
-              count(*) FILTER (WHERE j.type <> 'verifier') AS judge_outputs,
-              avg(j.score) FILTER (WHERE j.type = 'verifier') AS verifier_pass_rate
-       FROM round_lineage l JOIN judgments j ON j.version_id = l.judgments_version
-       GROUP BY l.eval_version),
--- flipped: the comparison's verdicts name different winners (a tie counts as a winner), as
--- min <> max: the same as count(DISTINCT ...) > 1 without a distinct set per comparison
-cmp AS (SELECT l.eval_version, j.comparison_id, count(*) AS n,
-               min(coalesce(j.winner, 'tie')) <> max(coalesce(j.winner, 'tie')) AS flipped
-        FROM round_lineage l JOIN judgments j ON j.version_id = l.judgments_version
-        WHERE j.type = 'pairwise' AND j.parsed GROUP BY ALL),
-jf AS (SELECT eval_version, avg(CASE WHEN flipped THEN 1.0 ELSE 0.0 END) AS order_flip_rate,
-              count(*) AS comparisons
-       FROM cmp WHERE n = 2 GROUP BY eval_version)
-SELECT l.round, pv.row_count AS prompts_added,
-       (SELECT count(*) FROM samples s WHERE s.version_id = l.samples_version AND NOT s.greedy)
-           AS samples,
-       jp.mean_judge_score, jp.parse_failures, jp.judge_outputs, jf.order_flip_rate,
-       coalesce(jf.comparisons, 0) AS comparisons, jp.verifier_pass_rate,
-       prv.row_count AS pairs, l.model_version,
-       TRY_CAST(json_extract(m.metrics, '$.train_loss') AS DOUBLE) AS train_loss,
-       ev.win_rate, ev.ci_low, ev.ci_high, ev.pass_rate, base.base_pass_rate,
-       ev.pass_rate - base.base_pass_rate AS pass_rate_delta,
-       l.eval_version, l.run_id, l.created_at
-FROM round_lineage l
-JOIN versions pv ON pv.version_id = l.prompts_version
-JOIN versions prv ON prv.version_id = l.pairs_version
-JOIN evals ev ON ev.version_id = l.eval_version
-JOIN models m ON m.version_id = l.model_version
-LEFT JOIN jp ON jp.eval_version = l.eval_version
-LEFT JOIN jf ON jf.eval_version = l.eval_version
-LEFT JOIN base ON base.eval_version = l.eval_version
-ORDER BY l.created_at;
-CREATE OR REPLACE VIEW judge_stats AS
--- per round and judge: parse failures, order flips, ties, score histogram, length bias
-WITH j AS (SELECT v.round, j.* FROM judgments j JOIN versions v USING (version_id)),
-slen AS (SELECT sample_id, any_value(length(text)) AS chars FROM samples GROUP BY sample_id),
-cmp AS (SELECT round, judge, comparison_id, count(*) AS n,
-               min(coalesce(winner, 'tie')) <> max(coalesce(winner, 'tie')) AS flipped
-        FROM j WHERE type = 'pairwise' AND parsed GROUP BY ALL),
-flips AS (SELECT round, judge, avg(CASE WHEN flipped THEN 1.0 ELSE 0.0 END) AS flip_rate,
-                 count(*) AS comparisons
-          FROM cmp WHERE n = 2 GROUP BY ALL),
-plen AS (SELECT v.round, avg(length(p.chosen_text)) AS chosen_chars,
-                avg(length(p.rejected_text)) AS rejected_chars, count(*) AS pairs
-         FROM pairs p JOIN versions v USING (version_id) GROUP BY v.round),
-agg AS (SELECT j.round, j.judge, list(DISTINCT j.type ORDER BY j.type) AS types,
-               count(*) AS judgments,
-               avg(CASE WHEN j.parsed THEN 0.0 ELSE 1.0 END) AS parse_failure_rate,
-               avg(CASE WHEN j.winner IS NULL THEN 1.0 ELSE 0.0 END)
-                   FILTER (WHERE j.type = 'pairwise' AND j.parsed) AS tie_rate,
-               avg(j.score) FILTER (WHERE j.parsed AND j.score IS NOT NULL) AS mean_score,
-               to_json(histogram(CAST(round(j.score) AS INTEGER))
-                   FILTER (WHERE j.parsed AND j.score IS NOT NULL)) AS score_histogram,
-               corr(j.score, slen.chars)
-                   FILTER (WHERE j.type = 'pointwise' AND j.parsed) AS score_length_corr
-        FROM j LEFT JOIN slen ON slen.sample_id = j.sample_id
-        GROUP BY j.round, j.judge)
-SELECT agg.round, agg.judge, agg.types, agg.judgments, agg.parse_failure_rate,
-       flips.flip_rate AS order_flip_rate, coalesce(flips.comparisons, 0) AS comparisons,
-       agg.tie_rate, agg.mean_score, agg.score_histogram, agg.score_length_corr,
-       plen.pairs, plen.chosen_chars AS mean_chosen_chars,
-       plen.rejected_chars AS mean_rejected_chars
-FROM agg
-LEFT JOIN flips ON flips.round = agg.round AND flips.judge = agg.judge
-LEFT JOIN plen ON plen.round = agg.round
-ORDER BY agg.round, agg.judge;
-CREATE OR REPLACE VIEW pair_lineage AS
--- one row per pair (per model trained on it): its prompt, both texts, the judgments of both
--- samples and the model version trained on the pair's version.
--- Shaped so that `WHERE pair_id = ?` is index lookups, not scans (check with EXPLAIN ANALYZE:
--- DuckDB flattens subqueries into joins, and of the shapes tried only this one kept the filter
--- on pairs): the judgments of both samples as one lookup on the indexed judgments.prompt_id
--- (a judgment carries its samples' prompt) filtered to the two samples, the prompt in a
--- lateral aggregate over the filtered pairs.
-SELECT x.pairs_version, x.round, x.pair_id, x.prompt_id, q.text AS prompt_text,
-       q.examples AS example_prompt_ids, x.rule, x.margin, x.chosen_id, x.chosen_text,
-       x.rejected_id, x.rejected_text, x.pair_judgment_ids, x.sample_judgment_ids,
-       x.model_version
-FROM (SELECT p.version_id AS pairs_version, v.round, p.pair_id, p.prompt_id, p.rule, p.margin,
-             p.chosen_id, p.chosen_text, p.rejected_id, p.rejected_text,
-             p.judgment_ids AS pair_judgment_ids,
-             (SELECT list(j.judgment_id ORDER BY j.judgment_id) FROM judgments j
-              WHERE j.prompt_id = p.prompt_id
-                AND (j.sample_id IN (p.chosen_id, p.rejected_id)
-                     OR j.sample_a IN (p.chosen_id, p.rejected_id)
-                     OR j.sample_b IN (p.chosen_id, p.rejected_id))) AS sample_judgment_ids,
-             mv.version_id AS model_version
-      FROM pairs p
-      JOIN versions v ON v.version_id = p.version_id
-      LEFT JOIN versions mv ON mv.kind = 'model' AND list_contains(mv.parents, p.version_id)) x
-LEFT JOIN LATERAL (SELECT any_value(text) AS text, any_value(examples) AS examples
-                   FROM prompts WHERE prompt_id = x.prompt_id) q ON true;
-CREATE OR REPLACE VIEW model_lineage AS
--- each model version: its start model, the pairs it was trained on and the judgments, samples
--- and prompts versions those rest on (round_lineage's columns), and its eval if any
-SELECT mo.version_id AS model_version, mo.round, mo.run_id, m.method, m.train_pairs,
-       CASE WHEN pa.version_id IS NULL THEN NULL ELSE mo.parents[-1] END AS start_model,
-       pa.version_id AS pairs_version, ju.version_id AS judgments_version,
-       sa.version_id AS samples_version, pr.version_id AS prompts_version,
-       (SELECT any_value(l.eval_version) FROM round_lineage l
-        WHERE l.model_version = mo.version_id) AS eval_version,
-       m.path, mo.created_at
-FROM versions mo
-JOIN models m ON m.version_id = mo.version_id
-LEFT JOIN versions pa ON pa.kind = 'pairs' AND pa.round = mo.round
-                      AND list_contains(mo.parents, pa.version_id)
-LEFT JOIN versions ju ON ju.kind = 'judgments' AND list_contains(pa.parents, ju.version_id)
-LEFT JOIN versions sa ON sa.kind = 'samples' AND list_contains(pa.parents, sa.version_id)
-LEFT JOIN versions pr ON pr.kind = 'prompts' AND pr.round = mo.round
-                      AND list_contains(sa.parents, pr.version_id)
-WHERE mo.kind = 'model'
-ORDER BY mo.round, mo.created_at;
--- lookups by id (`flywheel lineage`, pair_lineage): ART indexes, kept up to date by each INSERT
-CREATE INDEX IF NOT EXISTS prompts_prompt_id ON prompts (prompt_id);
-CREATE INDEX IF NOT EXISTS samples_sample_id ON samples (sample_id);
--- judgments by prompt (their samples' prompt): one index, where one per sample column
--- (sample_id, sample_a, sample_b, as older catalogs have) cost a quarter of the judgments'
--- commit time and a third of their space
-DROP INDEX IF EXISTS judgments_sample_id;
-DROP INDEX IF EXISTS judgments_sample_a;
-DROP INDEX IF EXISTS judgments_sample_b;
-CREATE INDEX IF NOT EXISTS judgments_prompt_id ON judgments (prompt_id);
-CREATE INDEX IF NOT EXISTS pairs_pair_id ON pairs (pair_id);
-"""
 
 
 @dataclass(frozen=True)
@@ -380,6 +85,7 @@ class Catalog:
         self.lock_timeout = lock_timeout  # how long a writer waits for the file lock
         self.read_timeout = min(read_timeout, lock_timeout)  # ... and a reader
         self._verified = False  # see verify()
+        self._migrated = False  # see _migrate()
 
     # -- connections ---------------------------------------------------------------------
     #: The settings of every read-only connection (`read()`, so `df`, `rows`, `find`, `get`,
@@ -462,6 +168,13 @@ class Catalog:
         con = self._connect(read_only=True)
         try:
             yield con
+        except duckdb.CatalogException as exc:
+            # a table or view of this release that the file (made by an older flywheel) lacks
+            name = re.search(r"Table with name (\w+) does not exist", str(exc))
+            if name and name.group(1) in (*TABLE_NAMES, *schema.VIEW_NAMES) \
+                    and name.group(1) not in _names(con):
+                raise migrations.outdated(self.path, name.group(1)) from exc
+            raise
         finally:
             con.close()
 
@@ -485,11 +198,13 @@ class Catalog:
 
     @contextmanager
     def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A read-write connection inside one transaction; rolled back on any error."""
+        """A read-write connection inside one transaction; rolled back on any error. The
+        Catalog's first write brings the file up to date first (`_migrate`)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.verify()
         con = self._connect(read_only=False)
         try:
+            self._migrate(con)
             con.execute("BEGIN TRANSACTION")
             try:
                 yield con
@@ -505,16 +220,45 @@ class Catalog:
             con.close()
 
     def init(self) -> None:
-        """Create the schema (idempotent)."""
+        """Create the catalog, or bring an existing one up to date (idempotent: one read
+        when it is)."""
+        if self._migrated and self.path.is_file():
+            return
+        self.migrate()
+
+    def migrate(self) -> migrations.Outcome:
+        """Apply the pending migrations in one transaction, creating the file if there is
+        none (what `init()` and `flywheel migrate` run; the first write of a Catalog does the
+        same), after checking that the writer can create its WAL beside the file. Returns
+        what was applied and recorded (nothing when the file was up to date)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.verify()
+        self._migrated = False
         con = self._connect(read_only=False)
         try:
-            con.execute(SCHEMA)
-        except duckdb.Error as exc:
-            raise _storage_error(self.path, exc) from exc
+            _check_wal(self.path)  # holding DuckDB's lock on the file: no writer is in it
+            return self._migrate(con)
         finally:
             con.close()
+
+    def _migrate(self, con: duckdb.DuckDBPyConnection) -> migrations.Outcome:
+        """Bring the file of the write connection `con` up to date, once per Catalog object:
+        its first write reads the `migrations` table, later ones trust it."""
+        if self._migrated:
+            return migrations.Outcome()
+        try:
+            out = migrations.migrate(con, self.path)
+        except duckdb.Error as exc:  # the migrations' COMMIT: nothing of it was stored
+            raise _storage_error(self.path, exc) from exc
+        self._migrated = True
+        return out
+
+    def pending(self) -> list[tuple[migrations.Migration, bool]]:
+        """The migrations the file lacks, each with whether the file already has its change
+        (recorded, not applied, when migrating). Reads only; [] when up to date; raises for a
+        file from a newer flywheel."""
+        with self.read() as con:
+            return migrations.pending(con, self.path)
 
     # -- versions ------------------------------------------------------------------------
     def find(self, fp: str) -> Version | None:
@@ -762,6 +506,26 @@ def _storage_error(path: Path, exc: duckdb.Error) -> Exception:
     return exc
 
 
+def _check_wal(path: Path) -> None:
+    """Raise unless `<path>.wal` can be created beside the catalog. DuckDB writes a small
+    commit straight into the file but needs the WAL for a change of the schema (and for
+    some commits): in a folder where it cannot be created (permissions, `chattr +i`, a
+    read-only file system) a run would store its first rows and fail at a later commit. The
+    caller holds DuckDB's lock on the file, so no writer has a WAL open; an existing one
+    (being replayed) is left alone."""
+    wal = Path(f"{path}.wal")
+    try:
+        fd = os.open(wal, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise FlywheelError(f"cannot write the catalog {path}: cannot create {wal.name} "
+                            f"beside it ({exc.strerror}); nothing was written",
+                            details=_lock_advice("permission denied", path)) from None
+    os.close(fd)
+    wal.unlink()
+
+
 def _lock_advice(message: str, path: Path) -> list[str]:
     """What to do when the file stays locked: name the process holding it (DuckDB's message
     says `... is held in <program> (PID <n>)`)."""
@@ -781,6 +545,17 @@ def _lock_advice(message: str, path: Path) -> list[str]:
             "retry in a moment; if it stays locked, close the program holding it"
             + (f" (see `ps -p {pid.group(1)}`)" if pid else "")
             + ", or copy the file and query the copy with --catalog"]
+
+
+#: The catalog's tables (flywheel.tables), for telling a missing one from a typo.
+TABLE_NAMES = tuple(_TABLE_COLUMNS)
+
+
+def _names(con: duckdb.DuckDBPyConnection) -> set[str]:
+    """The tables and views of the connection's catalog."""
+    return {r[0] for r in con.execute(
+        "SELECT table_name FROM information_schema.tables "
+        "WHERE table_catalog = current_database()").fetchall()}
 
 
 def _sql_str(path: Path) -> str:

@@ -13,14 +13,19 @@ import math
 
 import pandas as pd
 
+from flywheel.backends import Backend
 from flywheel.constraints import pass_fraction, verify
 from flywheel.stages.sampling import conversation
 from flywheel.tables import columns
 
 ITEM_COLUMNS = columns("eval_items")
 
+#: The code version of this stage's output: part of its fingerprint; bump it when the stage
+#: makes different rows from the same inputs.
+CODE_VERSION = "0.1.0+1"
 
-def answers(backend, model_path: str, prompts: pd.DataFrame, max_new_tokens: int
+
+def answers(backend: Backend, model_path: str, prompts: pd.DataFrame, max_new_tokens: int
             ) -> pd.DataFrame:
     """Greedy answers to the eval prompts, with their verifier results."""
     gens = backend.generate(model_path, [conversation(t) for t in prompts.text], n=1,

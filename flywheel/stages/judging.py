@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from flywheel.backends import Overflow
+from flywheel.backends import Backend, Overflow
+from flywheel.config import JudgeConfig
 from flywheel.constraints import verify
 from flywheel.hashing import stable_id
 from flywheel.parsing import (
@@ -43,6 +44,10 @@ JUDGMENT_COLUMNS = columns("judgments")
 #: Appended after the judge's rationale when verdicts are read from next-token probabilities.
 FORCED_PREFIX = {"pointwise": "\nScore: ", "pairwise": "\n\nFinal verdict: [["}
 _VERDICT_START = re.compile(r"score\s*[:=]|\[\[|final verdict", re.IGNORECASE)
+
+#: The code version of this stage's output: part of its fingerprint; bump it when the stage
+#: makes different rows from the same inputs.
+CODE_VERSION = "0.1.0+1"
 
 
 @dataclass(frozen=True)
@@ -99,8 +104,8 @@ def over_context(rows: pd.DataFrame | list[dict]) -> list[str]:
     return list(df.error[df.error.fillna("").str.startswith("input is ") & (df.raw == "")])
 
 
-def ask_judge(backend, judge: Judge, conversations: list[list[dict]], kind: str, cfg,
-              seed: int, shown: list[list[str]] | None = None
+def ask_judge(backend: Backend, judge: Judge, conversations: list[list[dict]], kind: str,
+              cfg: JudgeConfig, seed: int, shown: list[list[str]] | None = None
               ) -> list[list[tuple[str, Parsed, dict | None]]]:
     """`cfg.samples` (raw, parsed, probs) per conversation, by text parsing or forced verdict.
 
@@ -126,8 +131,9 @@ def ask_judge(backend, judge: Judge, conversations: list[list[dict]], kind: str,
     return out
 
 
-def _ask(backend, judge: Judge, conversations: list[list[dict]], kind: str, cfg, seed: int,
-         shown: list[list[str]]) -> list[list[tuple[str, Parsed, dict | None]]]:
+def _ask(backend: Backend, judge: Judge, conversations: list[list[dict]], kind: str,
+         cfg: JudgeConfig, seed: int, shown: list[list[str]]
+         ) -> list[list[tuple[str, Parsed, dict | None]]]:
     """`ask_judge` for conversations that fit the judge's context."""
     k = cfg.samples if kind == "pointwise" else 1
     temperature = cfg.temperature if k > 1 else 0.0
@@ -168,8 +174,9 @@ def verdict_start(text: str) -> int | None:
     return m.start() if m else None
 
 
-def pointwise_judgments(backend, judge: Judge, prompts: pd.DataFrame, samples: pd.DataFrame,
-                        cfg, seed: int, salt: str) -> list[dict]:
+def pointwise_judgments(backend: Backend, judge: Judge, prompts: pd.DataFrame,
+                        samples: pd.DataFrame, cfg: JudgeConfig, seed: int,
+                        salt: str) -> list[dict]:
     """The additive-rubric score of every non-greedy sample, `cfg.samples` times."""
     text = dict(zip(prompts.prompt_id, prompts.text))
     todo = samples[~samples.greedy]
@@ -191,8 +198,9 @@ def pointwise_judgments(backend, judge: Judge, prompts: pd.DataFrame, samples: p
     return rows
 
 
-def pairwise_judgments(backend, judge: Judge, prompts: pd.DataFrame, samples: pd.DataFrame,
-                       comparisons: list[tuple[str, str]], cfg, seed: int,
+def pairwise_judgments(backend: Backend, judge: Judge, prompts: pd.DataFrame,
+                       samples: pd.DataFrame, comparisons: list[tuple[str, str]],
+                       cfg: JudgeConfig, seed: int,
                        salt: str) -> list[dict]:
     """Every comparison (a, b) judged twice: a shown first, then b shown first."""
     text = dict(zip(samples.sample_id, samples.text))
@@ -237,8 +245,8 @@ def verifier_ties(samples: pd.DataFrame, verifier_rows: list[dict]) -> pd.DataFr
     return samples[samples.prompt_id.isin(spread[spread == 0].index)]
 
 
-def judge_samples(backend, judge: Judge, prompts: pd.DataFrame, samples: pd.DataFrame, cfg,
-                  seed: int, salt: str) -> pd.DataFrame:
+def judge_samples(backend: Backend, judge: Judge, prompts: pd.DataFrame, samples: pd.DataFrame,
+                  cfg: JudgeConfig, seed: int, salt: str) -> pd.DataFrame:
     """All judgments of one samples version, per `cfg.mode` (and `cfg.llm_on`)."""
     rows = verifier_judgments(prompts, samples, salt) if cfg.verifiers else []
     if cfg.llm_on == "ties" and cfg.verifiers:
@@ -248,7 +256,7 @@ def judge_samples(backend, judge: Judge, prompts: pd.DataFrame, samples: pd.Data
     if cfg.mode == "pairwise":
         comparisons = round_robin(samples)
     elif cfg.mode == "hybrid":
-        ranked = standings(samples, pd.DataFrame(rows, columns=JUDGMENT_COLUMNS))
+        ranked = standings(samples, pd.DataFrame(rows, columns=JUDGMENT_COLUMNS), cfg.mode)
         comparisons = []
         for _, group in sorted(ranked.items()):
             bw = best_and_worst(group)

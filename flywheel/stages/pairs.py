@@ -7,10 +7,15 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from flywheel.config import PairsConfig
 from flywheel.hashing import stable_id
 from flywheel.tables import columns
 
 PAIR_COLUMNS = columns("pairs")
+
+#: The code version of this stage's output: part of its fingerprint; bump it when the stage
+#: makes different rows from the same inputs.
+CODE_VERSION = "0.1.0+1"
 
 
 @dataclass(frozen=True)
@@ -24,8 +29,10 @@ class Standing:
     finished: bool = True  # ended on its own, not cut at max_new_tokens (last tie-break)
 
 
-def standings(samples: pd.DataFrame, judgments: pd.DataFrame) -> dict[str, list[Standing]]:
-    """Per prompt, each non-greedy sample's verifier fraction and LLM score.
+def standings(samples: pd.DataFrame, judgments: pd.DataFrame, mode: str = "hybrid"
+              ) -> dict[str, list[Standing]]:
+    """Per prompt, each non-greedy sample's verifier fraction and LLM score: the mean
+    pointwise score, or in pairwise mode (`judge.mode`) the comparisons it won in both orders.
 
     Unparseable judge outputs are excluded, never turned into scores.
     """
@@ -34,7 +41,7 @@ def standings(samples: pd.DataFrame, judgments: pd.DataFrame) -> dict[str, list[
     pw = ok[ok.type == "pointwise"].groupby("sample_id")
     vmean, pmean = ver.score.mean(), pw.score.mean()
     ids = {sid: list(g.judgment_id) for sid, g in ok[ok.type != "pairwise"].groupby("sample_id")}
-    wins = consistent_wins(judgments) if pmean.empty else {}
+    wins = consistent_wins(judgments) if mode == "pairwise" else {}
     out: dict[str, list[Standing]] = {}
     for s in samples[~samples.greedy].itertuples():
         llm = pmean.get(s.sample_id)
@@ -88,7 +95,7 @@ def pairwise_agrees(judgments: pd.DataFrame, best: str, worst: str) -> tuple[boo
     return (len(ok) == 2 and set(ok.winner.fillna("tie")) == {best}), ids
 
 
-def decide(best: Standing, worst: Standing, judgments: pd.DataFrame, cfg
+def decide(best: Standing, worst: Standing, judgments: pd.DataFrame, cfg: PairsConfig
            ) -> tuple[str, float, list[str]] | None:
     """(rule, margin, judgment ids) if the pair is kept, else None."""
     ids = list(best.judgment_ids + worst.judgment_ids)
@@ -107,11 +114,13 @@ def decide(best: Standing, worst: Standing, judgments: pd.DataFrame, cfg
     return ("llm+pairwise" if pw_ids and agreed else "llm"), margin, ids + pw_ids
 
 
-def build_pairs(samples: pd.DataFrame, judgments: pd.DataFrame, cfg, salt: str) -> pd.DataFrame:
-    """Best-vs-worst preference pairs, one per prompt at most."""
+def build_pairs(samples: pd.DataFrame, judgments: pd.DataFrame, cfg: PairsConfig, salt: str,
+                mode: str = "hybrid") -> pd.DataFrame:
+    """Best-vs-worst preference pairs, one per prompt at most; `mode` is the judge mode
+    (judge.mode) that made the judgments."""
     text = dict(zip(samples.sample_id, samples.text))
     rows = []
-    for pid, group in sorted(standings(samples, judgments).items()):
+    for pid, group in sorted(standings(samples, judgments, mode).items()):
         bw = best_and_worst(group)
         if bw is None:
             continue

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from flywheel.config import PromptsConfig
 from flywheel.constraints import describe_constraints, sample_constraints
 from flywheel.hashing import normalise_text, prompt_id
 from flywheel.parsing import is_refusal, parse_task
@@ -18,6 +19,10 @@ from flywheel.tables import columns
 from flywheel.templates import render
 
 PROMPT_COLUMNS = columns("prompts")
+
+#: The code version of this stage's output: part of its fingerprint; bump it when the stage
+#: makes different rows from the same inputs.
+CODE_VERSION = "0.1.0+1"
 
 
 def seed_rows(records: list[dict], source_file: str) -> pd.DataFrame:
@@ -91,7 +96,7 @@ def filter_reason(task: str | None, *, min_chars: int, max_chars: int) -> str | 
     return None
 
 
-def self_instruct_requests(pool: pd.DataFrame, cfg, rng: random.Random,
+def self_instruct_requests(pool: pd.DataFrame, cfg: PromptsConfig, rng: random.Random,
                            template_dir=None) -> list[tuple[list[dict], list[str]]]:
     """`cfg.max_attempts` generator conversations, each with `few_shot` pool examples."""
     examples = [(r.prompt_id, task_text(r.text, json.loads(r.constraints)))

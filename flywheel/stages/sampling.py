@@ -7,10 +7,15 @@ import random
 
 import pandas as pd
 
+from flywheel.backends import Backend
 from flywheel.hashing import stable_id
 from flywheel.tables import columns
 
 SAMPLE_COLUMNS = columns("samples")
+
+#: The code version of this stage's output: part of its fingerprint; bump it when the stage
+#: makes different rows from the same inputs.
+CODE_VERSION = "0.1.0+1"
 
 
 def select_prompts(pool: pd.DataFrame, new_ids: list[str], k: int, seed: int) -> pd.DataFrame:
@@ -29,9 +34,9 @@ def conversation(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
-def candidates(backend, model_path: str, model_version: str, prompts: pd.DataFrame, *, n: int,
-               temperature: float, top_p: float, max_new_tokens: int, seed: int, salt: str,
-               greedy: bool = False) -> pd.DataFrame:
+def candidates(backend: Backend, model_path: str, model_version: str, prompts: pd.DataFrame,
+               *, n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int,
+               salt: str, greedy: bool = False) -> pd.DataFrame:
     """`n` samples per prompt (or one greedy answer each when `greedy`)."""
     if prompts.empty:
         return pd.DataFrame(columns=SAMPLE_COLUMNS)

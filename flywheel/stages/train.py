@@ -5,18 +5,30 @@ reference model is the round's starting model (the base with the adapter disable
 the sigmoid DPO loss on (gold, own answer) pairs against the previous round's model; with
 `train.reference: base` it is the round-0 model, loaded beside the policy. Checkpoints every
 `train.checkpoint_steps` let a killed training resume.
+
+Precision and place follow `models.dtype` and `models.device` (see `training_placement`): the
+policy (and a separate reference) is loaded in the dtype, bfloat16 and float16 train with TRL's
+mixed precision (`bf16` / `fp16`; the LoRA weights stay float32), and the merged checkpoint is
+saved in the dtype it was loaded in. Training runs on one device: the CPU or one CUDA GPU.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from flywheel.config import TrainConfig
 from flywheel.errors import FlywheelError
+
+#: The code version of this stage's output (and of the round-0 base model version): part of
+#: its fingerprint; bump it when training makes a different model from the same inputs.
+CODE_VERSION = "0.1.0+1"
 
 
 def preference_dataset(pairs: pd.DataFrame, prompt_text: dict[str, str]):
@@ -119,17 +131,122 @@ def _stop_callback():
     return Stop()
 
 
-def train_lora(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str], cfg,
-               out_dir: str | Path, *, seed: int, device: str = "cpu",
-               progress: bool = True, ref_path: str | None = None, log=print) -> dict:
+#: The dtypes training accepts (`models.dtype`).
+DTYPES = ("float32", "bfloat16", "float16")
+_DEVICE = re.compile(r"cpu|auto|cuda(?::(\d+))?")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and in which precision a training runs: `device` is "cpu" or "cuda:N"."""
+
+    device: str
+    dtype: str
+
+    @property
+    def cuda_index(self) -> int | None:
+        return None if self.device == "cpu" else int(self.device.split(":")[1])
+
+
+def training_placement(device: str = "cpu", dtype: str = "float32") -> Placement:
+    """Resolve `models.device` and `models.dtype` for training on this machine.
+
+    cpu is the CPU; cuda is cuda:0; cuda:N is the N-th GPU torch sees (after
+    CUDA_VISIBLE_DEVICES); auto is cuda:0 where torch sees a GPU, else the CPU. float16 needs a
+    GPU (the CPU has no gradient scaler for fp16 training), bfloat16 a GPU that has it
+    (compute capability 8.0+) or the CPU. Anything else is a FlywheelError naming the setting."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise FlywheelError(f"models.dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
+    match = _DEVICE.fullmatch(device)
+    if match is None:
+        raise FlywheelError(f"models.device {device!r} is not one of: cpu, cuda, cuda:N, auto")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device == "cpu" or (device == "auto" and count == 0):
+        place = Placement("cpu", dtype)
+    else:
+        index = int(match.group(1) or 0)
+        if count == 0:
+            raise FlywheelError(
+                f"models.device is {device!r}, but torch sees no CUDA device on this machine",
+                details=[f"torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}",
+                         "set models.device: cpu (or auto: a GPU where there is one, else "
+                         "the CPU)"])
+        if index >= count:
+            raise FlywheelError(
+                f"models.device is {device!r}, but torch sees {count} CUDA "
+                f"device{'s' if count > 1 else ''} here: "
+                + ", ".join(f"cuda:{i}" for i in range(count)),
+                details=["set models.device to one of them (indices count the GPUs left "
+                         "visible by CUDA_VISIBLE_DEVICES)"])
+        place = Placement(f"cuda:{index}", dtype)
+    if dtype == "float16" and place.device == "cpu":
+        raise FlywheelError(
+            "models.dtype float16 cannot train on the CPU: fp16 training needs a GPU's "
+            "gradient scaler",
+            details=[f"models.device is {device!r}",
+                     "set models.dtype: bfloat16 (or float32) to train on the CPU, or "
+                     "models.device: cuda on a machine with a GPU"])
+    if dtype == "bfloat16" and place.cuda_index is not None:
+        major, minor = torch.cuda.get_device_capability(place.cuda_index)
+        if major < 8:
+            name = torch.cuda.get_device_name(place.cuda_index)
+            raise FlywheelError(
+                f"models.dtype bfloat16: {place.device} ({name}, compute capability "
+                f"{major}.{minor}) has no bfloat16 support (it needs 8.0 or newer)",
+                details=["set models.dtype: float16 (mixed precision with a gradient "
+                         "scaler) or float32"])
+    return place
+
+
+def _dpo_kwargs(cfg: TrainConfig, work: Path, n_pairs: int, seed: int,
+                place: Placement) -> dict:
+    """The DPOConfig arguments: the training settings, the precision and the device."""
+    steps = cfg.checkpoint_steps
+    steps_per_epoch = math.ceil(n_pairs / (cfg.batch_size * cfg.grad_accum))
+    return dict(
+        output_dir=str(work), per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.epochs,
+        learning_rate=cfg.learning_rate, beta=cfg.beta,
+        warmup_steps=int(cfg.warmup_ratio * steps_per_epoch * cfg.epochs),
+        loss_type=list(cfg.loss_type), max_length=cfg.max_length,
+        bf16=place.dtype == "bfloat16", fp16=place.dtype == "float16",
+        gradient_checkpointing=False, use_cpu=place.device == "cpu", report_to="none",
+        save_strategy="steps" if steps else "no", save_steps=steps or 500, save_total_limit=2,
+        save_only_model=False,
+        logging_steps=1, seed=seed, disable_tqdm=True, dataloader_num_workers=0,
+        lr_scheduler_type="constant" if steps_per_epoch * cfg.epochs < 10 else "linear")
+
+
+def _pin_device(args, place: Placement) -> None:
+    """Train on `place`'s one GPU: the Trainer takes cuda:0 and, with several GPUs visible,
+    wraps the model in DataParallel over all of them; pin its device (the device it moves the
+    model and the batches to, and Accelerate's current device) and its GPU count to one."""
+    import torch
+
+    if place.cuda_index is None:
+        return
+    _ = args.device  # the Trainer's own choice, made once and cached
+    args.__dict__["_setup_devices"] = torch.device("cuda", place.cuda_index)
+    args._n_gpu = 1
+    torch.cuda.set_device(place.cuda_index)
+
+
+def train_lora(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
+               cfg: TrainConfig, out_dir: str | Path, *, seed: int, device: str = "cpu",
+               dtype: str = "float32", progress: bool = True, ref_path: str | None = None,
+               log=print) -> dict:
     """Train a LoRA adapter with DPO on `pairs`, merge it, save to `out_dir`; return metrics.
 
     The reference policy is `base_path` with the adapter disabled, or the model at `ref_path`.
-    Checkpoints go to `<out_dir>.work` every `cfg.checkpoint_steps` steps; a training killed
-    midway resumes from the newest one when it is run again with the same inputs (the folder
-    name carries the model's fingerprint)."""
+    `device` and `dtype` are `models.device` and `models.dtype` (see `training_placement`); the
+    merged checkpoint is saved in `dtype`. Checkpoints go to `<out_dir>.work` every
+    `cfg.checkpoint_steps` steps; a training killed midway resumes from the newest one when it
+    is run again with the same inputs (the folder name carries the model's fingerprint)."""
     if pairs.empty:
         raise FlywheelError("no pairs to train on")
+    place = training_placement(device, dtype)
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -137,8 +254,7 @@ def train_lora(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
 
     out = Path(out_dir)
     work = out.with_name(out.name + ".work")
-    steps = getattr(cfg, "checkpoint_steps", 0)
-    resume = last_checkpoint(work) if steps else None
+    resume = last_checkpoint(work) if cfg.checkpoint_steps else None
     if resume is None:
         shutil.rmtree(work, ignore_errors=True)
     else:
@@ -146,42 +262,39 @@ def train_lora(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
     tok = AutoTokenizer.from_pretrained(base_path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    use_cpu = device == "cpu" or not torch.cuda.is_available()
-    steps_per_epoch = math.ceil(len(pairs) / (cfg.batch_size * cfg.grad_accum))
-    args = DPOConfig(
-        output_dir=str(work), per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.epochs,
-        learning_rate=cfg.learning_rate, beta=cfg.beta,
-        warmup_steps=int(cfg.warmup_ratio * steps_per_epoch * cfg.epochs),
-        loss_type=list(cfg.loss_type), max_length=cfg.max_length, bf16=False,
-        gradient_checkpointing=False, use_cpu=use_cpu, report_to="none",
-        save_strategy="steps" if steps else "no", save_steps=steps or 500, save_total_limit=2,
-        save_only_model=False,
-        logging_steps=1, seed=seed, disable_tqdm=True, dataloader_num_workers=0,
-        lr_scheduler_type="constant" if steps_per_epoch * cfg.epochs < 10 else "linear")
-    peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                             lora_dropout=cfg.lora_dropout,
-                             target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM")
-    ref_model = (AutoModelForCausalLM.from_pretrained(ref_path, dtype=torch.float32)
-                 if ref_path else None)
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, processing_class=tok,
-                         train_dataset=preference_dataset(pairs, prompt_text),
-                         peft_config=peft_config)
-    from transformers.trainer_callback import PrinterCallback
+    weights = getattr(torch, place.dtype)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=weights)
+    previous_gpu = torch.cuda.current_device() if place.cuda_index is not None else None
+    args = DPOConfig(**_dpo_kwargs(cfg, work, len(pairs), seed, place))
+    _pin_device(args, place)
+    try:
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                 lora_dropout=cfg.lora_dropout,
+                                 target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM")
+        ref_model = (AutoModelForCausalLM.from_pretrained(ref_path, dtype=weights)
+                     if ref_path else None)
+        trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, processing_class=tok,
+                             train_dataset=preference_dataset(pairs, prompt_text),
+                             peft_config=peft_config)
+        from transformers.trainer_callback import PrinterCallback
 
-    trainer.remove_callback(PrinterCallback)  # no log dicts on stdout: the bar shows the loss
-    trainer.add_callback(_progress_callback(progress))
-    trainer.add_callback(_fault_callback())
-    trainer.add_callback(_stop_callback())
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    metrics = _metrics(trainer.state.log_history, resumed=resume is not None)
-    merged = trainer.model.merge_and_unload()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    shutil.rmtree(work, ignore_errors=True)
-    return metrics
+        trainer.remove_callback(PrinterCallback)  # no log dicts on stdout: the bar shows loss
+        trainer.add_callback(_progress_callback(progress))
+        trainer.add_callback(_fault_callback())
+        trainer.add_callback(_stop_callback())
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        metrics = _metrics(trainer.state.log_history, resumed=resume is not None)
+        merged = trainer.model.merge_and_unload()  # the adapter folded into `dtype` weights
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        merged.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        shutil.rmtree(work, ignore_errors=True)
+        return metrics
+    finally:
+        if previous_gpu is not None:  # free the GPU for the stages after training
+            model = ref_model = trainer = merged = None
+            torch.cuda.set_device(previous_gpu)
+            torch.cuda.empty_cache()

@@ -344,7 +344,7 @@ def test_a_stage_asked_to_stop_while_computing_commits_nothing(tmp_path):
         return {"prompts": rows}, {}
 
     with pytest.raises(Interrupted):
-        pipeline._stage(ctx, "prompts", 1, {"x": 1}, [], compute)
+        pipeline._stage(ctx, "prompts", 1, {"x": 1}, [], compute, code="0.1.0+1")
     assert ctx.stage == (1, "prompts")
     with cat.read() as con:
         assert con.execute("SELECT count(*) FROM versions").fetchone()[0] == 0

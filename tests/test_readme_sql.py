@@ -98,6 +98,14 @@ def check_gates(rows):
         assert "every model is promoted" in r["reason"]
 
 
+def check_migrations(rows):
+    """A catalog made by this release records every migration, in order, with its version."""
+    from flywheel.catalog.migrations import MIGRATIONS
+
+    assert [r["name"] for r in rows] == [m.name for m in MIGRATIONS]
+    assert {r["flywheel_version"] for r in rows} == {"0.1.0"}
+
+
 #: A distinctive piece of each README query -> what its result must satisfy.
 CHECKS = {
     "count(*) AS versions FROM versions": check_kinds_per_round,
@@ -109,12 +117,13 @@ CHECKS = {
     "AS example": check_example_prompts,
     "v.round = $r": check_round_two_pairs,
     "FROM gates g": check_gates,
+    "FROM migrations": check_migrations,
 }
 
 
-def test_readme_has_the_nine_sql_examples():
+def test_every_sql_example_of_the_readme_is_checked():
     queries = [q for q, _ in readme_sql_commands()]
-    assert len(queries) == 9, queries
+    assert len(queries) == len(CHECKS) == 10, queries
     for key in CHECKS:
         assert sum(key in q for q in queries) == 1, key
 

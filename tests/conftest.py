@@ -15,25 +15,30 @@ ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "models" / "SmolLM2-135M-Instruct"
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    """A 2-layer, 64-wide random Llama with SmolLM2's tokenizer and chat template."""
-    if not (BUNDLED / "config.json").is_file():
-        pytest.skip("bundled model not converted: run `make setup`")
+def tiny_llama(out: Path, context: int = 2048) -> Path:
+    """Save a 2-layer, 64-wide random Llama with SmolLM2's tokenizer and chat template, with
+    `context` positions, to `out`."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    out = tmp_path_factory.mktemp("tiny-llama")
     tok = AutoTokenizer.from_pretrained(BUNDLED)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=2048, tie_word_embeddings=True,
+                      max_position_embeddings=context, tie_word_embeddings=True,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer, 64-wide random Llama with SmolLM2's tokenizer and chat template."""
+    if not (BUNDLED / "config.json").is_file():
+        pytest.skip("bundled model not converted: run `make setup`")
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 900, env: dict | None = None

@@ -60,11 +60,17 @@ class Run:
     leftovers: bool  # whether processes it started outlived it
 
 
-def start(args: list[str], *, fault: str | None = None) -> tuple[subprocess.Popen, Path]:
-    """Start `python -m flywheel.cli ARGS` in its own session; output goes to files."""
+def start(args: list[str], *, fault: str | None = None, stall: str | None = None
+          ) -> tuple[subprocess.Popen, Path]:
+    """Start `python -m flywheel.cli ARGS` in its own session (process group); output goes to
+    files. `fault` kills it at that point (FLYWHEEL_FAULT), `stall` makes it wait there
+    (FLYWHEEL_STALL)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
-    env.pop("FLYWHEEL_FAULT", None)
+    for key in ("FLYWHEEL_FAULT", "FLYWHEEL_STALL", "FLYWHEEL_DEBUG"):
+        env.pop(key, None)
+    if stall:
+        env["FLYWHEEL_STALL"] = stall
     # every process the run starts inherits this mark, even one in a session of its own
     # (Prefect's temporary server is): leftovers are found by it
     env["FLYWHEEL_CRASHKIT_RUN"] = marker = uuid.uuid4().hex

@@ -20,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,28 +28,13 @@ import pytest
 from flywheel import interrupt, runlock
 from flywheel.errors import Interrupted
 from tests.conftest import ROOT, catalog_state, run_cli
-from tests.crashkit import connect, events, iterate_args, problems, versions
+from tests.crashkit import connect, events, iterate_args, problems, start, versions
 
 #: A signal must end the run within this many seconds (the issue's bound).
 STOP_WITHIN_S = 10
 
 
 # -- driving a run --------------------------------------------------------------------------
-def _start(args: list[str], stall: str | None) -> tuple[subprocess.Popen, Path]:
-    """`python -m flywheel.cli ARGS` in a session (process group) of its own, output to files."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
-    for key in ("FLYWHEEL_FAULT", "FLYWHEEL_STALL", "FLYWHEEL_DEBUG"):
-        env.pop(key, None)
-    if stall:
-        env["FLYWHEEL_STALL"] = stall
-    out = Path(tempfile.mkdtemp(prefix="flywheel-int-"))
-    with open(out / "stdout", "w") as so, open(out / "stderr", "w") as se:
-        proc = subprocess.Popen([sys.executable, "-m", "flywheel.cli", *args], cwd=ROOT,
-                                stdout=so, stderr=se, env=env, start_new_session=True)
-    return proc, out
-
-
 def _wait_for(proc: subprocess.Popen, out: Path, text: str, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while text not in (out / "stderr").read_text():
@@ -139,7 +123,7 @@ def _interrupt(args: list[str], stall: str | None, wait_text: str, sig: signal.S
     """Start a run, wait for `wait_text` in its stderr, signal its process group; return
     (returncode, stderr, seconds from the signal to the exit, the processes it had started,
     what of them outlived it, the catalog's row counts at the signal or None)."""
-    proc, out = _start(args, stall)
+    proc, out = start(args, stall=stall)
     kids: set[int] = set()
     try:
         _wait_for(proc, out, wait_text)

@@ -16,7 +16,7 @@ from flywheel.config import JudgeConfig
 from flywheel.stages.judging import FORCED_PREFIX, JUDGMENT_COLUMNS, Judge, judge_samples
 from flywheel.stages.sampling import SAMPLE_COLUMNS
 from flywheel.templates import render
-from tests.conftest import BUNDLED, run_cli
+from tests.conftest import BUNDLED, run_cli, tiny_llama
 
 CONTEXT = 256
 SHORT, LONG = "Paris.", "word " * 200
@@ -27,20 +27,7 @@ def short_judge(tmp_path_factory) -> Path:
     """A 2-layer random Llama with SmolLM2's tokenizer and a CONTEXT-position context."""
     if not (BUNDLED / "config.json").is_file():
         pytest.skip("bundled model not converted: run `make setup`")
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("short-judge")
-    tok = AutoTokenizer.from_pretrained(BUNDLED)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=CONTEXT, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return tiny_llama(tmp_path_factory.mktemp("short-judge"), context=CONTEXT)
 
 
 @pytest.fixture(scope="module")

@@ -40,11 +40,18 @@ def run_stage(cfg: Config, run_id: str, name: str, state: pipeline.RoundState) -
     return pipeline.STAGES[name](_ctx(cfg, run_id), state)
 
 
+def _backend_of(cfg: Config, role: str) -> str:
+    """The backend a role runs on: its own when served, else the in-process one."""
+    r = getattr(cfg.models, role)
+    return r.backend if r.endpoint else cfg.models.backend
+
+
 def stage_task(stage: pipeline.Stage, cfg: Config):
     """The Prefect task of one stage: named after it, retried when it calls a remote model.
     Printing is not turned into logs: `datasets` (training) prints a bytecode listing when it
     hashes functions with dill, which would flood the run's logs."""
-    retries = REMOTE_RETRIES if stage.calls_model and is_remote(cfg.models.backend) else 0
+    remote = any(is_remote(_backend_of(cfg, role)) for role in stage.roles)
+    retries = REMOTE_RETRIES if stage.calls_model and remote else 0
     return task(run_stage, name=stage.name, cache_policy=NO_CACHE, log_prints=False,
                 retries=retries, retry_delay_seconds=10)
 

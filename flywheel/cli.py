@@ -108,9 +108,18 @@ def _parser() -> argparse.ArgumentParser:
     _config_args(co)
     co.add_argument("--reference", action="store_true",
                     help="list every setting with type, default and meaning")
-    from flywheel import cli_check, cli_data, cli_deploy, cli_inspect, cli_migrate, cli_status
+    from flywheel import (
+        cli_cache,
+        cli_check,
+        cli_data,
+        cli_deploy,
+        cli_inspect,
+        cli_migrate,
+        cli_status,
+    )
 
-    for module in (cli_inspect, cli_data, cli_deploy, cli_status, cli_check, cli_migrate):
+    for module in (cli_inspect, cli_data, cli_deploy, cli_status, cli_check, cli_migrate,
+                   cli_cache):
         COMMANDS.update(module.register(sub))
     return p
 

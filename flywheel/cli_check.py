@@ -167,6 +167,11 @@ def cmd_check(args) -> int:
     checked = (f"{stats.get('tables', 0)} tables, {stats.get('rows', 0):,} rows, "
                f"{stats.get('versions', 0)} versions, {stats.get('models', 0)} model checkpoints"
                + (" (existence only)" if args.no_hashes else ""))
+    from flywheel.cli_cache import describe
+
+    # the request cache of the catalog's workspace: its size, never a problem
+    print(describe(Path(path).parent / ".flywheel" / "requests.sqlite3") +
+          " (not a version; `flywheel cache clear --workspace DIR` empties it)", file=sys.stderr)
     if problems:
         print(f"{path}: {len(problems)} problem(s) ({checked} checked)", file=sys.stderr)
         return 1

@@ -559,7 +559,7 @@ def _check_lengths(records: list[dict], path: Path, cfg) -> None:
 
     unit = "row" if INGEST_TYPES.get(path.suffix.lower()) == "parquet" else "line"
     # the policy's tokenizer counts; without its folder, UTF-8 bytes (never fewer) stand in
-    policy = cfg.models.policy if Path(cfg.models.policy).is_dir() else None
+    policy = cfg.models.policy.path if Path(cfg.models.policy.path).is_dir() else None
     errors = too_long([(f"{path} {unit} {r['line']}", r["prompt"]) for r in records], limit,
                       policy)
     if errors:

@@ -37,11 +37,13 @@ DEFAULT_NAME = "scheduled"
 #: (prompts.template, judge.*_template) are not: they are file names, looked up in prompts/
 #: of the directory the run executes in (PROJECT_ROOT for a deployed run), then among the
 #: templates shipped with the package (flywheel.templates).
-PATH_KEYS = ("workspace", "catalog", "models.policy", "models.judge", "models.generator",
+PATH_KEYS = ("workspace", "catalog", "models.policy.path", "models.judge.path",
+             "models.generator.path", "models.judge.tokenizer", "models.generator.tokenizer",
              "prompts.seed_file", "eval.prompts_file")
 #: Of those, the model directories are rewritten only when they exist locally (a model name
 #: that is not a local path is left as it is).
-MODEL_KEYS = ("models.policy", "models.judge", "models.generator")
+MODEL_KEYS = ("models.policy.path", "models.judge.path", "models.generator.path",
+              "models.judge.tokenizer", "models.generator.tokenizer")
 
 SERVER_HINT = ["start one: `prefect server start` (keep it running: `nohup prefect server "
                "start &`, or a systemd unit; UI at http://127.0.0.1:4200)",

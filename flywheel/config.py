@@ -35,6 +35,7 @@ __all__ = [
     "ModelsConfig",
     "PairsConfig",
     "PromptsConfig",
+    "RoleConfig",
     "SamplingConfig",
     "TrainConfig",
     "config_reference",
@@ -127,28 +128,117 @@ def _documented(cls: type) -> type:
 # --------------------------------------------------------------------------- sections
 
 
+#: The backends a model role can use: in-process (the `models.backend`, loaded from a local
+#: checkpoint) or an OpenAI-compatible endpoint.
+ROLE_BACKENDS = ("local", "openai")
+#: The roles a model plays.
+ROLES = ("policy", "judge", "generator")
+
+
+@_documented
+@dataclass
+class RoleConfig:
+    """One model role (models.policy, models.judge, models.generator): a local checkpoint
+    (`path`), or a model served behind an OpenAI-compatible endpoint (`backend: openai`,
+    `base_url`, `model`). A plain string is the path: `models.judge: judges/x` means
+    `models.judge.path: judges/x`, in YAML and in --set."""
+
+    #: the field a plain string sets
+    SHORTHAND: typing.ClassVar[str] = "path"
+
+    path: str = field(
+        default="",
+        metadata=_meta("Local checkpoint directory (backend local). For the judge and the "
+                       "generator, empty = the current policy.", fp=BY_CONTENT),
+    )
+    backend: str = field(
+        default="local",
+        metadata=_meta("local: the checkpoint at `path`, run in-process by models.backend; "
+                       "openai: the model `model` served at `base_url` (vLLM, llama.cpp, a "
+                       "hosted API).", ROLE_BACKENDS, fp=DERIVED),
+    )
+    base_url: str = field(
+        default="",
+        metadata=_meta("Endpoint base URL, up to /v1 (e.g. http://127.0.0.1:8000/v1). "
+                       "Recorded with every judgment (without credentials); not part of the "
+                       "fingerprint, so replicas and ports can change.", fp=OPERATIONAL),
+    )
+    model: str = field(
+        default="",
+        metadata=_meta("The served model id, as the endpoint's /v1/models lists it. With what "
+                       "the server reports about it, part of the fingerprint.", fp=DERIVED),
+    )
+    api_key_env: str = field(
+        default="",
+        metadata=_meta("Name of the environment variable holding the API key (the key itself "
+                       "is never in the config, the catalog or a log); empty = no key.",
+                       fp=OPERATIONAL),
+    )
+    concurrency: int = field(
+        default=8, metadata=_meta("Requests in flight at once.", fp=OPERATIONAL))
+    timeout: float = field(
+        default=120.0, metadata=_meta("Seconds to wait for one response.", fp=OPERATIONAL))
+    retries: int = field(
+        default=5,
+        metadata=_meta("Retries per request on 429, 5xx, timeouts, dropped connections and "
+                       "malformed responses (exponential backoff with jitter, honouring "
+                       "Retry-After).", fp=OPERATIONAL),
+    )
+    extra: dict = field(
+        default_factory=dict,
+        metadata=_meta("Extra fields merged into every request body (e.g. {top_k: 20}); part "
+                       "of the fingerprint.", fp=DERIVED),
+    )
+    tokenizer: str = field(
+        default="",
+        metadata=_meta("Optional local checkpoint whose chat template the served model uses: "
+                       "with judge.verdict: logprobs, the verdict is then forced after the "
+                       "rationale (as in-process) through /v1/completions; without it the "
+                       "probabilities are read at the verdict the judge writes itself.",
+                       fp=DERIVED),
+    )
+    revision: str = field(
+        default="",
+        metadata=_meta("Pin: the endpoint's identity (logged when a run starts, and kept as "
+                       "judge_hash in every judgment) or the served model's root; a run "
+                       "refuses to start when the server serves something else.",
+                       fp=OPERATIONAL),
+    )
+
+    @property
+    def endpoint(self) -> bool:
+        """Whether this role is served behind an endpoint."""
+        return self.backend != "local"
+
+
+def _role(path: str = "") -> RoleConfig:
+    return RoleConfig(path=path)
+
+
 @_documented
 @dataclass
 class ModelsConfig:
-    """Which checkpoints play which role, and how they run."""
+    """Which models play which role, and how the local ones run."""
 
-    policy: str = field(
-        default="models/SmolLM2-135M-Instruct",
-        metadata=_meta("Base policy checkpoint (a local directory); round 1 samples from it.",
-                       fp=BY_CONTENT),
+    policy: RoleConfig = field(
+        default_factory=lambda: _role("models/SmolLM2-135M-Instruct"),
+        metadata=_section("The policy: base checkpoint (a local directory); round 1 samples "
+                          "from it, every round trains it."),
     )
-    judge: str = field(
-        default="",
-        metadata=_meta("Fixed judge model directory; empty = the current policy judges itself "
-                       "(self-rewarding).", fp=BY_CONTENT),
+    judge: RoleConfig = field(
+        default_factory=_role,
+        metadata=_section("The judge: a fixed checkpoint or endpoint; no path and no endpoint "
+                          "= the current policy judges itself (self-rewarding)."),
     )
-    generator: str = field(
-        default="",
-        metadata=_meta("Prompt-generator model directory; empty = the current policy.",
-                       fp=BY_CONTENT),
+    generator: RoleConfig = field(
+        default_factory=_role,
+        metadata=_section("The prompt generator: a fixed checkpoint or endpoint; empty = the "
+                          "current policy."),
     )
     backend: str = field(
-        default="transformers", metadata=_meta("Inference backend.", ("transformers",), fp=SHAPES)
+        default="transformers",
+        metadata=_meta("In-process inference backend for the local roles.", ("transformers",),
+                       fp=SHAPES)
     )
     device: str = field(
         default="cpu",
@@ -493,6 +583,11 @@ class Config:
         """Where round checkpoints are written: ``<workspace>/models``."""
         return Path(self.workspace) / "models"
 
+    def request_cache_path(self) -> Path:
+        """Where endpoint responses are cached as they arrive:
+        ``<workspace>/.flywheel/requests.sqlite3`` (never a version; `flywheel cache clear`)."""
+        return Path(self.workspace) / ".flywheel" / "requests.sqlite3"
+
     def hash_cache_path(self) -> Path:
         """Where model content hashes are cached: ``<workspace>/.flywheel/hashes.json`` (never
         inside a model folder)."""
@@ -525,7 +620,8 @@ _HINTS: dict[type, dict[str, Any]] = {}
 def _hints(cls: type) -> dict[str, Any]:
     """Resolved type hints of a config dataclass (cached)."""
     if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
+        hints = typing.get_type_hints(cls)
+        _HINTS[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
     return _HINTS[cls]
 
 
@@ -549,7 +645,20 @@ def _leaves(cls: type = Config, prefix: str = "") -> list[tuple[str, dataclasses
 
 def config_reference() -> list[tuple[str, str, str, str]]:
     """(dotted key, type, default repr, help text) for every setting, in declaration order."""
-    return [(key, _type_name(hint), _default_repr(f), _help_text(f)) for key, f, hint in _leaves()]
+    defaults = Config()  # a section's own default can differ from its class's (models.policy)
+    return [(key, _type_name(hint), repr(_get(defaults, key)), _help_text(f))
+            for key, f, hint in _leaves()]
+
+
+def _is_shorthand_section(dotted: str) -> bool:
+    """Whether `dotted` names a section a plain string can set (models.judge = its path)."""
+    cls: Any = Config
+    for part in dotted.split("."):
+        hint = _hints(cls).get(part) if dataclasses.is_dataclass(cls) else None
+        if hint is None:
+            return False
+        cls = hint
+    return dataclasses.is_dataclass(cls) and bool(getattr(cls, "SHORTHAND", None))
 
 
 def _leaf_hint(dotted: str) -> Any:
@@ -630,6 +739,12 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
         return (value, None) if isinstance(value, str) else (None, _expected(hint, value))
     if typing.get_origin(hint) is list:
         return _coerce_str_list(value)
+    if hint is dict or typing.get_origin(hint) is dict:
+        if value is None:
+            return {}, None
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            return None, f"expected a mapping of names to values, got {_describe(value)}"
+        return dict(value), None
     raise TypeError(f"unsupported config type {hint!r}")  # a bug in this module, not user error
 
 
@@ -685,6 +800,11 @@ class _Loader:
                 self._set(obj, key, value, hints[key], label, dotted)
 
     def _merge_section(self, obj: Any, value: Any, label: str, dotted: str) -> None:
+        shorthand = getattr(type(obj), "SHORTHAND", None)
+        if shorthand and (value is None or isinstance(value, str)):
+            # ``models.judge: judges/x`` sets ``models.judge.path``
+            self._set(obj, shorthand, value, str, label, f"{dotted}.{shorthand}")
+            return
         if value is None:  # an empty ``sampling:`` block changes nothing
             return
         if not isinstance(value, Mapping):
@@ -762,7 +882,8 @@ def _override_to_mapping(text: str, loader: _Loader) -> Mapping | None:
     except yaml.YAMLError as exc:
         loader.add(SET_LABEL, f"{key}: cannot parse value {raw!r}: {_yaml_error(exc)}")
         return None
-    if _leaf_hint(key) is str and value is not None and not isinstance(value, str):
+    if (_leaf_hint(key) is str or _is_shorthand_section(key)) and value is not None \
+            and not isinstance(value, str):
         value = raw.strip()  # ``models.policy=123`` means the string "123"
     nested: Any = value
     for part in reversed(key.split(".")):
@@ -872,9 +993,59 @@ def _constraint_type_problems(cfg: Config) -> list[tuple[str, str]]:
     return [("prompts.constraint_types", message)]
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _role_problems(cfg: Config) -> list[tuple[str, str]]:
+    """Endpoint settings that cannot work: a missing URL or model, endpoint fields on a local
+    role, a key variable that is not a variable name (its value is never shown), the policy
+    behind a fixed endpoint."""
+    out: list[tuple[str, str]] = []
+    for role in ROLES:
+        r: RoleConfig = getattr(cfg.models, role)
+        key = f"models.{role}"
+        if not _ENV_NAME.fullmatch(r.api_key_env or "_"):
+            out.append((f"{key}.api_key_env", "must name an environment variable (e.g. "
+                        "OPENAI_API_KEY) that holds the key, never the key itself"))
+        if r.concurrency <= 0:
+            out.append((f"{key}.concurrency", f"must be > 0, got {r.concurrency!r}"))
+        if r.timeout <= 0:
+            out.append((f"{key}.timeout", f"must be > 0, got {r.timeout!r}"))
+        if r.retries < 0:
+            out.append((f"{key}.retries", f"must be >= 0, got {r.retries!r}"))
+        if not r.endpoint:
+            stray = [n for n in ("base_url", "model", "revision") if getattr(r, n)]
+            if stray:
+                out.append((f"{key}.backend", f"is local, but {key}.{stray[0]} is set: set "
+                            f"{key}.backend: openai to use the endpoint, or remove "
+                            f"{key}.{stray[0]}"))
+            continue
+        if role == "policy":
+            out.append((f"{key}.backend", "the policy is trained every round, and an openai "
+                        "endpoint serves a fixed model: keep the policy a local checkpoint "
+                        "(models.policy: DIR); put the judge or the prompt generator behind "
+                        "an endpoint"))
+        if not re.match(r"https?://[^/\s]+", r.base_url):
+            out.append((f"{key}.base_url", "must be the endpoint's http(s) URL up to /v1 (e.g. "
+                        f"http://127.0.0.1:8000/v1), got {_describe(_redacted(r.base_url))}"))
+        if not r.model:
+            out.append((f"{key}.model", "must name the served model (as the endpoint's "
+                        "/v1/models lists it)"))
+        if r.path:
+            out.append((f"{key}.path", f"is set, but {key}.backend is openai: the endpoint "
+                        "serves the model; remove the path (or set backend: local)"))
+    return out
+
+
+def _redacted(url: str) -> str:
+    """A URL without user:password@ and without its query string."""
+    return re.sub(r"//[^/@\s]*@", "//", url).split("?", 1)[0]
+
+
 def _problems(cfg: Config) -> list[tuple[str, str]]:
     """(dotted key, message) for every invalid value."""
-    return _choice_problems(cfg) + _range_problems(cfg) + _relation_problems(cfg)
+    return (_choice_problems(cfg) + _range_problems(cfg) + _relation_problems(cfg)
+            + _role_problems(cfg))
 
 
 def validate(cfg: Config) -> list[str]:

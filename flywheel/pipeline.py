@@ -46,8 +46,11 @@ class Context:
     made: int = 0  # versions this process computed (not reused)
     stage: tuple[int, str] | None = None  # (round, kind) of the stage computing now
 
+    _served: dict[str, Backend] = field(default_factory=dict)
+
     @property
     def backend(self) -> Backend:
+        """The in-process backend of the local roles."""
         if self._backend is None:
             from flywheel.backends import get_backend
 
@@ -55,6 +58,21 @@ class Context:
             self._backend = get_backend(m.backend, device=m.device, dtype=m.dtype,
                                         batch_size=m.batch_size, progress=self.cfg.progress)
         return self._backend
+
+    def served(self, role: str) -> Backend:
+        """The backend of a role behind an endpoint (one per role, with the workspace's
+        request cache)."""
+        if role not in self._served:
+            from flywheel.backends import get_backend
+            from flywheel.backends.cache import RequestCache
+            from flywheel.roles import endpoint, identity
+
+            backend = get_backend(
+                getattr(self.cfg.models, role).backend, endpoint=endpoint(self.cfg, role),
+                cache=RequestCache(self.cfg.request_cache_path()), progress=self.cfg.progress)
+            backend.known(identity(self.cfg, role))  # asked once, at preflight
+            self._served[role] = backend
+        return self._served[role]
 
 
 _CONTEXTS: dict[str, Context] = {}
@@ -80,11 +98,19 @@ def preflight(cfg: Config) -> None:
     from flywheel.limits import counter
     from flywheel.modelprep import config_problems, folder_problem, weight_problems
     from flywheel.promptfile import length_problems
+    from flywheel.roles import check_endpoints
 
     problems: list[str] = []
     tokenizer_ok: dict[str, bool] = {}
-    for key, path in (("models.policy", cfg.models.policy), ("models.judge", cfg.models.judge),
-                      ("models.generator", cfg.models.generator)):
+    local = []
+    for role in ("policy", "judge", "generator"):
+        r = getattr(cfg.models, role)
+        if r.endpoint:
+            if r.tokenizer:
+                local.append((f"models.{role}.tokenizer", r.tokenizer))
+        else:
+            local.append((f"models.{role}", r.path))
+    for key, path in local:
         if not path or path in tokenizer_ok:
             continue
         bad = folder_problem(path, key)
@@ -112,10 +138,11 @@ def preflight(cfg: Config) -> None:
             files[path] = load_prompt_file(path)
         except FlywheelError as exc:
             problems.append(str(exc))
-    if tokenizer_ok.get(cfg.models.policy):  # in tokens of the model that reads the prompts
+    if tokenizer_ok.get(cfg.models.policy.path):  # in tokens of the model reading the prompts
         for path, records in files.items():
             problems += length_problems(path, records, cfg.prompts.max_prompt_tokens,
-                                        cfg.models.policy)
+                                        cfg.models.policy.path)
+    problems += check_endpoints(cfg)
     if problems:
         raise FlywheelError("cannot start: nothing was written", details=problems)
 
@@ -179,7 +206,7 @@ def _model(ctx: Context, version_id: str) -> dict:
     row = ctx.catalog.rows("model", version_id).iloc[0].to_dict()
     if Path(row["path"]).is_dir():
         return row
-    policy = ctx.cfg.models.policy
+    policy = ctx.cfg.models.policy.path
     if row["method"] == "base" and Path(policy).is_dir() \
             and model_hash(policy, ctx.cfg.hash_cache_path()) == row["content_hash"]:
         return {**row, "path": policy}  # the same base model, moved
@@ -223,7 +250,7 @@ def seed_prompts(ctx: Context) -> str:
 
 def base_model(ctx: Context) -> str:
     """The base policy as a model version (round 0)."""
-    path = ctx.cfg.models.policy
+    path = ctx.cfg.models.policy.path
     digest = model_hash(path, ctx.cfg.hash_cache_path())
     params = {"content_hash": digest}  # not the path: a moved checkpoint is the same model
     row = pd.DataFrame([{"path": path, "content_hash": digest, "base_version": None,
@@ -245,10 +272,18 @@ def generate_prompts(ctx: Context, round_: int, pool: list[str], policy: str) ->
     from flywheel.stages import prompts as stage
 
     cfg = ctx.cfg
-    gen_path = cfg.models.generator or _model(ctx, policy)["path"]
-    params = {"round": round_, "seed": cfg.seed, **shaping(cfg.prompts), **_gen_params(cfg),
-              "generator": cfg.models.generator and "fixed" or policy,
-              "generator_hash": model_hash(gen_path, cfg.hash_cache_path())}
+    gen = cfg.models.generator
+    params = {"round": round_, "seed": cfg.seed, **shaping(cfg.prompts)}
+    if gen.endpoint:
+        from flywheel.roles import fingerprint_params
+
+        gen_path = gen.model
+        params.update(generator=f"endpoint:{gen.model}",
+                      generator_endpoint=fingerprint_params(cfg, "generator"))
+    else:
+        gen_path = gen.path or _model(ctx, policy)["path"]
+        params.update(**_gen_params(cfg), generator=gen.path and "fixed" or policy,
+                      generator_hash=model_hash(gen_path, cfg.hash_cache_path()))
     params["constraint_types"] = list(cfg.prompts.constraint_types)
 
     def compute(fp):
@@ -257,7 +292,8 @@ def generate_prompts(ctx: Context, round_: int, pool: list[str], policy: str) ->
         pool_df = _prompts(ctx, pool)
         rng = random.Random(cfg.seed * 7919 + round_)
         requests = stage.self_instruct_requests(pool_df, cfg.prompts, rng)
-        raw = ctx.backend.generate(gen_path, [c for c, _ in requests], n=1,
+        backend = ctx.served("generator") if gen.endpoint else ctx.backend
+        raw = backend.generate(gen_path, [c for c, _ in requests], n=1,
                                    temperature=cfg.prompts.temperature, top_p=cfg.prompts.top_p,
                                    max_new_tokens=cfg.prompts.max_new_tokens,
                                    seed=cfg.seed + round_, desc="self-instruct")
@@ -304,14 +340,32 @@ def sample(ctx: Context, round_: int, new_prompts: str, pool: list[str], policy:
 
 
 def _judge(ctx: Context, policy: str):
+    """The judge (a fixed checkpoint, an endpoint, or the policy judging itself) and the
+    backend it runs on."""
     from flywheel.stages.judging import Judge
 
-    if ctx.cfg.models.judge:
-        path = ctx.cfg.models.judge
-        return Judge(version=f"fixed:{Path(path).name}", path=path,
-                     content_hash=model_hash(path, ctx.cfg.hash_cache_path()))
+    j = ctx.cfg.models.judge
+    if j.endpoint:
+        from flywheel.roles import identity
+
+        who = identity(ctx.cfg, "judge")
+        return ctx.served("judge"), Judge(version=f"endpoint:{j.model}", path=j.model,
+                                          content_hash=who["identity"], location=who["url"])
+    if j.path:
+        return ctx.backend, Judge(version=f"fixed:{Path(j.path).name}", path=j.path,
+                                  content_hash=model_hash(j.path, ctx.cfg.hash_cache_path()))
     m = _model(ctx, policy)
-    return Judge(version=policy, path=m["path"], content_hash=m["content_hash"])
+    return ctx.backend, Judge(version=policy, path=m["path"], content_hash=m["content_hash"])
+
+
+def _judge_params(cfg: Config) -> dict:
+    """What of the judge's model shapes judgments: for a local judge the generation settings
+    (the checkpoint enters by content); for an endpoint, what it serves."""
+    if not cfg.models.judge.endpoint:
+        return _gen_params(cfg)
+    from flywheel.roles import fingerprint_params
+
+    return {"judge_endpoint": fingerprint_params(cfg, "judge")}
 
 
 def judge(ctx: Context, round_: int, samples: str, prompt_versions: list[str],
@@ -321,8 +375,8 @@ def judge(ctx: Context, round_: int, samples: str, prompt_versions: list[str],
     from flywheel.templates import template_hash
 
     cfg = ctx.cfg
-    jd = _judge(ctx, policy)
-    params = {"round": round_, "seed": cfg.seed, **shaping(cfg.judge), **_gen_params(cfg),
+    judge_backend, jd = _judge(ctx, policy)
+    params = {"round": round_, "seed": cfg.seed, **shaping(cfg.judge), **_judge_params(cfg),
               "judge": jd.version, "judge_hash": jd.content_hash,
               "template_hashes": [template_hash(cfg.judge.pointwise_template),
                                   template_hash(cfg.judge.pairwise_template)]}
@@ -330,7 +384,7 @@ def judge(ctx: Context, round_: int, samples: str, prompt_versions: list[str],
         params["parser"] = 2
 
     def compute(fp):
-        rows = judge_samples(ctx.backend, jd, _prompts(ctx, prompt_versions),
+        rows = judge_samples(judge_backend, jd, _prompts(ctx, prompt_versions),
                              ctx.catalog.rows("samples", samples), cfg.judge,
                              cfg.seed * 1000 + round_, fp)
         _log_over_context(ctx, round_, "judgments", over_context(rows))
@@ -432,7 +486,18 @@ def eval_judge_params(cfg: Config, baseline: str | None) -> dict:
     if not baseline or not cfg.eval.judge:
         return {}
     settings = changed(cfg.judge, EVAL_JUDGE_SETTINGS)
-    return {"judge_settings": settings} if settings else {}
+    out = {"judge_settings": settings} if settings else {}
+    if cfg.models.judge.endpoint:
+        from flywheel.roles import fingerprint_params
+
+        out["judge_endpoint"] = fingerprint_params(cfg, "judge")
+    return out
+
+
+def _eval_judge_name(cfg: Config) -> str:
+    """The eval's judge, as its fingerprint names it (its path, as before endpoints)."""
+    j = cfg.models.judge
+    return f"endpoint:{j.model}" if j.endpoint else (j.path or "start-model")
 
 
 def evaluate(ctx: Context, round_: int, model: str, baseline: str | None,
@@ -442,7 +507,7 @@ def evaluate(ctx: Context, round_: int, model: str, baseline: str | None,
 
     cfg = ctx.cfg
     params = {"round": round_, **shaping(cfg.eval), "sha256": file_hash(cfg.eval.prompts_file),
-              **_gen_params(cfg), "judge": cfg.models.judge or "start-model",
+              **_gen_params(cfg), "judge": _eval_judge_name(cfg),
               **eval_judge_params(cfg, baseline)}
     parents = [model] + ([baseline] if baseline else []) + ([baseline_eval] if baseline_eval
                                                              else [])
@@ -504,7 +569,8 @@ def _compare(ctx: Context, items: pd.DataFrame, prompts: pd.DataFrame, model: st
                           "text": items.baseline_text})])
         pairs = [("new:" + items.prompt_id.iloc[i], "base:" + items.prompt_id.iloc[i])
                  for i in tied]
-        rows = pairwise_judgments(ctx.backend, _judge(ctx, baseline), prompts, cand, pairs,
+        judge_backend, jd = _judge(ctx, baseline)
+        rows = pairwise_judgments(judge_backend, jd, prompts, cand, pairs,
                                   ctx.cfg.judge, ctx.cfg.seed + round_, "eval")
         _log_over_context(ctx, round_, "eval", over_context(rows))
         verdict = {(r["sample_a"], r["swapped"]): r["verdict"] for r in rows}
@@ -578,7 +644,8 @@ class Stage:
     inputs: tuple[str, ...]
     run: Callable[[Context, RoundState], str]
     sections: tuple[str, ...]
-    calls_model: bool = False  # generates with a model: retried when the model is remote
+    calls_model: bool = False  # generates with a model
+    roles: tuple[str, ...] = ()  # the model roles it calls: retried when one is served remotely
 
     def __call__(self, ctx: Context, state: RoundState) -> str:
         return self.run(ctx, state)
@@ -590,13 +657,13 @@ class Stage:
 ROUND: tuple[Stage, ...] = (
     Stage("prompts", "prompts", "prompts", ("pool", "policy"),
           lambda ctx, s: generate_prompts(ctx, s.round, s.pool, s.policy),
-          ("prompts", "models"), calls_model=True),
+          ("prompts", "models"), calls_model=True, roles=("generator", "policy")),
     Stage("samples", "samples", "samples", ("prompts", "pool", "policy"),
           lambda ctx, s: sample(ctx, s.round, s.prompts, s.pool, s.policy),
-          ("sampling", "models", "train.method"), calls_model=True),
+          ("sampling", "models", "train.method"), calls_model=True, roles=("policy",)),
     Stage("judgments", "judgments", "judgments", ("samples", "prompt_versions", "policy"),
           lambda ctx, s: judge(ctx, s.round, s.samples, s.prompt_versions, s.policy),
-          ("judge", "models"), calls_model=True),
+          ("judge", "models"), calls_model=True, roles=("judge", "policy")),
     Stage("pairs", "pairs", "pairs", ("judgments", "samples", "prompt_versions"),
           lambda ctx, s: build_pairs(ctx, s.round, s.judgments, s.samples, s.prompt_versions),
           ("pairs", "judge.mode", "train.method")),
@@ -607,7 +674,7 @@ ROUND: tuple[Stage, ...] = (
           ("train",)),
     Stage("eval", "eval", "eval", ("model", "policy", "policy_eval"),
           lambda ctx, s: evaluate(ctx, s.round, s.model, s.policy, s.policy_eval),
-          ("eval", "judge", "models"), calls_model=True),
+          ("eval", "judge", "models"), calls_model=True, roles=("policy", "judge")),
     Stage("gate", "gate", "gate", ("eval", "model", "policy", "policy_eval", "previous_gate"),
           lambda ctx, s: gate(ctx, s.round, s.model, s.eval, s.policy, s.policy_eval,
                               s.previous_gate),
@@ -649,6 +716,11 @@ def prepared(cfg: Config, run_id: str, command: str = "") -> Iterator[runlock.He
         runlock.release(cfg.catalog_path())
     preflight(cfg)
     runlock.acquire(cfg.catalog_path(), run_id, command)
+    from flywheel import roles
+
+    roles.store_checks()
+    for line in roles.describe_served(cfg):
+        print(line, file=sys.stderr, flush=True)
     try:
         yield runlock.held(cfg.catalog_path())
     finally:

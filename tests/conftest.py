@@ -149,3 +149,31 @@ def pairs_catalog(path: Path):
     v = cat.commit(kind="pairs", run_id="r", round=1, parents=[pv.version_id], params={},
                    fp="q" * 20, tables={"pairs": pairs})
     return cat, v.version_id, pv.version_id
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory):
+    """llama.cpp's OpenAI-compatible server (llama-cpp-python) serving the bundled SmolLM2 GGUF
+    as "smollm2" on a free loopback port, key "test-key-not-secret-123", context 2048: an
+    object with `.base_url` (".../v1"), `.url` (without /v1), `.api_key`, `.alias`,
+    `.log_path`. Skipped when llama-cpp-python is not installed, except on CI (CI=true), where
+    that fails: CI installs it and a skip would hide the endpoint tests."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        reason = "llama-cpp-python is not installed: run `make setup`"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason} (CI=true: the endpoint tests must run on CI)")
+        pytest.skip(reason)
+    from flywheel.modelprep import bundled_gguf
+    from flywheel.servers import ManagedServer, free_port, llama_cpp_argv, llama_cpp_env
+
+    key, alias, port = "test-key-not-secret-123", "smollm2", free_port()
+    log_path = tmp_path_factory.mktemp("llama-server") / "server.log"
+    argv = llama_cpp_argv(bundled_gguf(), port=port, alias=alias, n_ctx=2048)
+    with ManagedServer(argv, port=port, headers={"Authorization": f"Bearer {key}"},
+                       env=llama_cpp_env(key),
+                       log_path=log_path) as server:
+        yield SimpleNamespace(base_url=server.base_url, url=server.url, api_key=key,
+                              alias=alias, log_path=log_path)

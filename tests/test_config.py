@@ -46,7 +46,7 @@ def test_defaults_load() -> None:
     assert cfg == Config()
     assert cfg.sampling.n == 4
     assert cfg.train.loss_type == ["sigmoid"]
-    assert cfg.models.judge == ""
+    assert cfg.models.judge.path == ""
     assert validate(cfg) == []
 
 
@@ -100,9 +100,9 @@ def test_overrides_parse_types(tmp_path: Path) -> None:
     assert cfg.sampling.temperature == 1.0 and isinstance(cfg.sampling.temperature, float)
     assert cfg.train.learning_rate == pytest.approx(1e-4)
     assert cfg.train.lora_targets == ["q_proj", "v_proj"]
-    assert cfg.models.judge == ""
+    assert cfg.models.judge.path == ""
     assert cfg.judge.verifiers is False
-    assert cfg.models.policy == "123"  # a str setting takes the text as written
+    assert cfg.models.policy.path == "123"  # a str setting takes the text as written
 
 
 def test_override_can_set_a_section_mapping() -> None:
@@ -318,7 +318,7 @@ def test_config_reference_covers_every_field() -> None:
     assert keys == _leaf_keys(Config())
     assert len(keys) == len(set(keys))
     for key, type_name, default, help_text in reference:
-        assert type_name in {"str", "int", "float", "bool", "list[str]"}, key
+        assert type_name in {"str", "int", "float", "bool", "list[str]", "dict"}, key
         assert default, key
         assert help_text.strip(), f"{key} has no help text"
     rows = {row[0]: row for row in reference}

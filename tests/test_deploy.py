@@ -47,21 +47,21 @@ def test_pin_paths_from_another_directory_makes_relative_paths_absolute(tmp_path
     root, elsewhere = _tree(tmp_path)
     cfg = Config().to_dict()
     cfg["workspace"] = "ws"
-    cfg["models"]["policy"] = "model"
-    cfg["models"]["judge"] = "org/hub-model"  # not a local path: left alone
+    cfg["models"]["policy"]["path"] = "model"
+    cfg["models"]["judge"]["path"] = "org/hub-model"  # not a local path: left alone
     cfg["eval"]["prompts_file"] = str(tmp_path / "abs.jsonl")
     pinned, changes = pin_paths(cfg, cwd=elsewhere, root=root)
     assert pinned["workspace"] == str(elsewhere / "ws")
-    assert pinned["models"]["policy"] == str(elsewhere / "model")
+    assert pinned["models"]["policy"]["path"] == str(elsewhere / "model")
     assert pinned["prompts"]["seed_file"] == str(elsewhere / "data" / "seed_prompts.jsonl")
-    assert pinned["models"]["judge"] == "org/hub-model"
-    assert pinned["models"]["generator"] == "" and pinned["catalog"] == ""
+    assert pinned["models"]["judge"]["path"] == "org/hub-model"
+    assert pinned["models"]["generator"]["path"] == "" and pinned["catalog"] == ""
     assert pinned["eval"]["prompts_file"] == str(tmp_path / "abs.jsonl")
     # templates are names inside the package's prompts/ folder, not paths
     assert pinned["judge"]["pointwise_template"] == cfg["judge"]["pointwise_template"]
     assert pinned["prompts"]["template"] == cfg["prompts"]["template"]
     assert sorted(c.split(":")[0] for c in changes) == [
-        "models.policy", "prompts.seed_file", "workspace"]
+        "models.policy.path", "prompts.seed_file", "workspace"]
     assert cfg["workspace"] == "ws"  # the input is not modified
     config_from_dict(pinned)  # still a valid config
 
@@ -71,12 +71,12 @@ def test_pin_paths_keeps_paths_that_mean_the_same_from_the_project_root(tmp_path
     relative paths and a deployed run must record the same strings to share the rounds."""
     root, _ = _tree(tmp_path)
     cfg = Config().to_dict()
-    cfg["models"]["policy"] = "model"
+    cfg["models"]["policy"]["path"] = "model"
     cfg["catalog"] = "~/flywheel-test.duckdb"
     pinned, changes = pin_paths(cfg, cwd=root, root=root)
     assert pinned["workspace"] == "data"
     assert pinned["prompts"]["seed_file"] == "data/seed_prompts.jsonl"
-    assert pinned["models"]["policy"] == "model"
+    assert pinned["models"]["policy"]["path"] == "model"
     assert pinned["catalog"] == str(Path("~/flywheel-test.duckdb").expanduser())
     assert changes == [f"catalog: ~/flywheel-test.duckdb -> {pinned['catalog']}"]
 
@@ -245,7 +245,7 @@ def test_served_schedule_continues_the_workspace(prefect_server, tiny_model, tmp
         params = dep["parameters"]
         assert params["rounds"] == 1 and params["continue_rounds"] is True
         assert params["config"]["workspace"] == str(cwd / "ws")  # pinned, not "ws"
-        assert params["config"]["models"]["policy"] == str(tiny_model)
+        assert params["config"]["models"]["policy"]["path"] == str(tiny_model)
         assert dep["schedules"][0]["schedule"]["interval"] == 20
 
         def done(n):

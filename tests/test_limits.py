@@ -342,7 +342,7 @@ def test_the_pipeline_caches_hashes_in_the_workspace_not_the_model_folder(tiny_m
     ctx = pipeline.context(cfg)
     ctx.catalog.init()
     base = pipeline.base_model(ctx)
-    judge = pipeline._judge(ctx, base)
+    _, judge = pipeline._judge(ctx, base)
     assert ctx.catalog.rows("model", base).content_hash[0] == judge.content_hash == \
         _reference_hash(folder)
     assert _listing(folder) == before

@@ -19,9 +19,13 @@ from flywheel.tables import TABLES, columns
 ROOT = Path(__file__).resolve().parent.parent
 
 # -- no SQL outside flywheel/catalog/ ------------------------------------------------------------
-#: The code scanned: the package (but its catalog) and the Prefect flows.
+#: Stores that are not the catalog, with SQL of their own: the endpoint request cache is a
+#: SQLite file of responses beside the catalog, never a version.
+OWN_STORES = {"flywheel/backends/cache.py"}
+#: The code scanned: the package (but its catalog and the other stores) and the Prefect flows.
 SCANNED = [p for p in sorted([*ROOT.glob("flywheel/**/*.py"), *ROOT.glob("flows/**/*.py")])
-           if "catalog" not in p.relative_to(ROOT).parts[:2]]
+           if "catalog" not in p.relative_to(ROOT).parts[:2]
+           and p.relative_to(ROOT).as_posix() not in OWN_STORES]
 
 #: Calls that run SQL text: DuckDB's connection / relation methods and Catalog.df. `.df()`
 #: without arguments turns a result into a DataFrame and runs nothing.

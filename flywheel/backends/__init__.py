@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from flywheel.errors import FlywheelError
 
@@ -35,7 +35,7 @@ class Overflow:
 
 
 class Backend(Protocol):
-    """What every backend offers the stages."""
+    """What every backend offers the stages: generation, and letting go of what it holds."""
 
     def generate(
         self,
@@ -51,6 +51,16 @@ class Backend(Protocol):
     ) -> list[list[Generation]]:
         """`n` completions per conversation (temperature 0 = greedy)."""
         ...
+
+    def release(self) -> None:
+        """Free the loaded models (before training needs the memory)."""
+        ...
+
+
+@runtime_checkable
+class VerdictProbabilities(Protocol):
+    """An optional capability: verdicts read from the model's next-token probabilities
+    (`judge.verdict: logprobs`)."""
 
     def rationale_then_probs(
         self,
@@ -71,6 +81,11 @@ class Backend(Protocol):
         """
         ...
 
+
+@runtime_checkable
+class CountsTokens(Protocol):
+    """An optional capability: telling, before sending, which prompts overflow the context."""
+
     def overflows(
         self,
         model: str,
@@ -83,28 +98,27 @@ class Backend(Protocol):
         fits the model's context, else the `Overflow` (nothing is generated)."""
         ...
 
-    def release(self) -> None:
-        """Free the loaded models (before training needs the memory)."""
-        ...
 
-
-def get_backend(name: str, *, device: str = "cpu", dtype: str = "float32", batch_size: int = 16,
-                progress: bool = True) -> Backend:
-    """The backend registered under `name`."""
-    if name == "transformers":
-        from flywheel.backends.transformers import TransformersBackend
-
-        return TransformersBackend(
-            device=device, dtype=dtype, batch_size=batch_size, progress=progress
-        )
-    raise FlywheelError(
-        f"unknown backend {name!r}", details=["models.backend must be one of: transformers"]
-    )
-
+#: The backends, by name: "module:Class", imported when first used (heavy imports stay lazy).
+BACKENDS: dict[str, str] = {
+    "transformers": "flywheel.backends.transformers:TransformersBackend",
+    "openai": "flywheel.backends.openai:OpenAIBackend",
+}
 
 #: Backends whose models run behind a network service (a request can fail for a moment and
 #: is worth retrying); the in-process ones are not listed.
-REMOTE_BACKENDS: frozenset[str] = frozenset()
+REMOTE_BACKENDS: frozenset[str] = frozenset({"openai"})
+
+
+def get_backend(name: str, **kwargs) -> Backend:
+    """A new backend of the class registered under `name`, made with `kwargs`."""
+    import importlib
+
+    if name not in BACKENDS:
+        raise FlywheelError(f"unknown backend {name!r}",
+                            details=[f"backends: {', '.join(BACKENDS)}"])
+    module, _, cls = BACKENDS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)(**kwargs)
 
 
 def is_remote(name: str) -> bool:

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from flywheel.backends import Backend, Overflow
+from flywheel.backends import Backend, Overflow, VerdictProbabilities
 from flywheel.config import JudgeConfig
 from flywheel.constraints import verify
+from flywheel.errors import FlywheelError
 from flywheel.hashing import stable_id
 from flywheel.parsing import (
     SCORE_KEYS,
@@ -54,9 +55,15 @@ CODE_VERSION = "0.1.0+1"
 class Judge:
     """The judge's identity, stored with every judgment it makes."""
 
-    version: str  # model version id in the catalog
-    path: str
-    content_hash: str
+    version: str  # model version id in the catalog, fixed:<folder>, or endpoint:<model>
+    path: str  # what the backend is asked for: a checkpoint folder, or the served model id
+    content_hash: str  # the checkpoint's content hash, or the endpoint's identity
+    location: str = ""  # where an endpoint judge is served (its URL without credentials)
+
+    @property
+    def where(self) -> str:
+        """What judgments record as `judge_path`: the checkpoint folder, or the endpoint."""
+        return self.location or self.path
 
 
 def _row(**kw) -> dict:
@@ -144,6 +151,9 @@ def _ask(backend: Backend, judge: Judge, conversations: list[list[dict]], kind: 
         parse = parse_score if kind == "pointwise" else parse_pairwise
         return [[(g.text, parse(g.text, shown=responses), None) for g in row]
                 for row, responses in zip(gens, shown, strict=True)]
+    if not isinstance(backend, VerdictProbabilities):
+        raise FlywheelError(f"the judge's backend ({type(backend).__name__}) cannot read "
+                            "verdict probabilities", details=["set judge.verdict: text"])
     keys = list(SCORE_KEYS if kind == "pointwise" else VERDICT_KEYS)
     flat = [c for c in conversations for _ in range(k)]
     results = backend.rationale_then_probs(
@@ -191,7 +201,7 @@ def pointwise_judgments(backend: Backend, judge: Judge, prompts: pd.DataFrame,
             rows.append(_row(
                 judgment_id="j_" + stable_id(salt, "pointwise", s.sample_id, k), type="pointwise",
                 prompt_id=s.prompt_id, sample_id=s.sample_id, k=k, judge=judge.version,
-                judge_path=judge.path, judge_hash=judge.content_hash, template_hash=thash,
+                judge_path=judge.where, judge_hash=judge.content_hash, template_hash=thash,
                 method=cfg.verdict, raw=raw, rationale=parsed.rationale, parsed=parsed.ok,
                 error=parsed.error, score=parsed.value if parsed.ok else None,
                 probs=json.dumps(probs) if probs else None))
@@ -220,7 +230,7 @@ def pairwise_judgments(backend: Backend, judge: Judge, prompts: pd.DataFrame,
         rows.append(_row(
             judgment_id="j_" + stable_id(comparison, swapped), type="pairwise",
             prompt_id=prompt_of[a], sample_a=a, sample_b=b, comparison_id=comparison,
-            swapped=swapped, k=0, judge=judge.version, judge_path=judge.path,
+            swapped=swapped, k=0, judge=judge.version, judge_path=judge.where,
             judge_hash=judge.content_hash, template_hash=thash, method=cfg.verdict, raw=raw,
             rationale=parsed.rationale, parsed=parsed.ok, error=parsed.error,
             verdict=parsed.value if parsed.ok else None, winner=winner,

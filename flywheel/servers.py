@@ -514,12 +514,17 @@ class Balancer:
             def handle_request(self, body: bytes) -> None:
                 upstream = balancer._take()
                 try:
-                    self.reply(*self.forward(upstream, body))
+                    answer = self.forward(upstream, body)
                 except (OSError, http.client.HTTPException) as exc:
-                    self.reply_error(502, f"upstream {upstream} failed: {exc!r}",
-                                     "server_error")
+                    answer = None
+                    failure = f"upstream {upstream} failed: {exc!r}"
                 finally:
+                    # the upstream is free once it has answered: before the client has it
                     balancer._release(upstream)
+                if answer is None:
+                    self.reply_error(502, failure, "server_error")
+                else:
+                    self.reply(*answer)
 
         self._server = ProxyServer(("127.0.0.1", self._port), Handler)
         threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True,

@@ -1038,8 +1038,11 @@ def _role_problems(cfg: Config) -> list[tuple[str, str]]:
 
 
 def _redacted(url: str) -> str:
-    """A URL without user:password@ and without its query string."""
-    return re.sub(r"//[^/@\s]*@", "//", url).split("?", 1)[0]
+    """A URL without user:password@ and without its query string (the backend's rule,
+    imported only when a bad URL is reported)."""
+    from flywheel.backends.openai import redact_url
+
+    return redact_url(url)
 
 
 def _problems(cfg: Config) -> list[tuple[str, str]]:

@@ -1,4 +1,5 @@
-# flywheel — make setup | demo | demo-endpoint | test | lint | bench
+# flywheel — make setup | demo | demo-endpoint | test | lint | bench | gpu-check | wheelhouse |
+#            setup-vllm
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
@@ -10,7 +11,8 @@ LLAMA_CPP := llama-cpp-python==0.3.36
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: setup demo demo-endpoint test test-fast lint bench bench-endpoint clean-demo
+.PHONY: setup demo demo-endpoint test test-fast lint bench bench-endpoint clean-demo \
+	gpu-check wheelhouse setup-vllm
 
 setup: $(VENV)/.installed $(MODEL)/config.json
 
@@ -61,6 +63,52 @@ bench-endpoint: setup
 
 lint: setup
 	$(BIN)/ruff check flywheel flows tests
+
+# One round on the GPU with the bundled model, then flywheel's sampling against bare generate
+# (and the vLLM path where .venv-vllm has vLLM). Without a GPU it says so and exits 0. No
+# `setup` first: a GPU machine may have no package index (see `make wheelhouse`); point VENV at
+# the environment flywheel is installed in. ARGS: more options (e.g. ARGS="--out gpu-check").
+gpu-check:
+	$(BIN)/python bench/gpu_check.py $(ARGS)
+
+# Wheels for a machine without a package index: everything flywheel[$(EXTRAS)] needs beyond
+# BASE (that machine's `python -m pip list --format=freeze`), for PLATFORM and PYTHON; then
+# there: pip install --no-index --find-links wheelhouse 'flywheel[dev]'
+BASE     ?=
+OUT      ?= wheelhouse
+PLATFORM ?= manylinux_2_28_x86_64
+PYTHON   ?= $(shell $(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+EXTRAS   ?= dev
+wheelhouse: $(VENV)/.installed
+	@test -n "$(BASE)" || { echo "make wheelhouse: set BASE to the target machine's package list:" \
+		"run \`python -m pip list --format=freeze > base.txt\` there, copy it here, then" \
+		"\`make wheelhouse BASE=base.txt\` (BASE=/dev/null: subtract nothing)" >&2; exit 2; }
+	$(BIN)/python tools/wheelhouse.py --base "$(BASE)" --out "$(OUT)" --platform "$(PLATFORM)" \
+		--python "$(PYTHON)" --extras "$(EXTRAS)"
+
+# vLLM in an environment of its own (.venv-vllm: vLLM pins torch and libraries Prefect needs),
+# on a machine with an NVIDIA GPU only. VLLM: the requirement (e.g. VLLM=vllm==0.11.0);
+# VLLM_PIP_ARGS: e.g. "--no-index --find-links wheelhouse-vllm" on a machine without an index.
+VLLM          ?= vllm
+VLLM_VENV     ?= .venv-vllm
+VLLM_PIP_ARGS ?=
+setup-vllm:
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then \
+		nvidia-smi -L; \
+	elif $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then \
+		echo "torch sees a CUDA device"; \
+	else \
+		echo "make setup-vllm: no NVIDIA GPU on this machine (nvidia-smi lists none and torch" \
+			"sees no CUDA device): vLLM needs one. Run it on the GPU machine; here, keep" \
+			"models.backend: transformers (or serve a model elsewhere: models.<role>.backend:" \
+			"openai)." >&2; \
+		exit 1; \
+	fi
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip $(VLLM_PIP_ARGS) || true
+	$(VLLM_VENV)/bin/python -m pip install $(VLLM_PIP_ARGS) "$(VLLM)"
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vLLM', vllm.__version__, 'in $(VLLM_VENV):" \
+		"models.vllm.python is $(VLLM_VENV)/bin/python')"
 
 clean-demo:
 	rm -rf data/flywheel.duckdb data/flywheel.duckdb.wal data/flywheel.duckdb.lock data/models data/.flywheel

@@ -215,6 +215,78 @@ def _role(path: str = "") -> RoleConfig:
     return RoleConfig(path=path)
 
 
+#: The LoRA ranks vLLM accepts for --max-lora-rank.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@_documented
+@dataclass
+class VLLMConfig:
+    """The managed vLLM server of `models.backend: vllm`: flywheel starts `vllm serve` from
+    its own Python environment on a free loopback port, feeds it each round's policy, puts it
+    to sleep (or stops it) while training runs, and stops it however the run ends."""
+
+    python: str = field(
+        default=".venv-vllm/bin/python",
+        metadata=_meta("Interpreter of the environment that has vLLM (vLLM pins versions "
+                       "Prefect cannot share): `make setup-vllm` makes .venv-vllm on a GPU "
+                       "machine.", fp=OPERATIONAL),
+    )
+    tensor_parallel_size: int = field(
+        default=1, metadata=_meta("GPUs one model is split over (vLLM --tensor-parallel-size).",
+                                  fp=OPERATIONAL))
+    gpu_memory_utilization: float = field(
+        default=0.85,
+        metadata=_meta("Share of each GPU's memory vLLM may take for weights and KV cache "
+                       "(--gpu-memory-utilization). Lower it when training shares the GPU and "
+                       "runs out of memory.", fp=OPERATIONAL),
+    )
+    max_model_len: int = field(
+        default=4096, metadata=_meta("Context length the server allows (--max-model-len).",
+                                     fp=OPERATIONAL))
+    enable_prefix_caching: bool = field(
+        default=True, metadata=_meta("Automatic prefix caching: the n candidates of a prompt "
+                                     "and the judge's shared instructions reuse KV blocks.",
+                                     fp=OPERATIONAL))
+    dtype: str = field(
+        default="auto",
+        metadata=_meta("Weights dtype of the server (--dtype); auto = models.dtype.",
+                       ("auto", "bfloat16", "float16", "float32"), fp=SHAPES),
+    )
+    extra_args: list[str] = field(
+        default_factory=list,
+        metadata=_meta("Further `vllm serve` arguments, as a list (e.g. [--quantization, "
+                       "fp8]); part of the fingerprint.", fp=SHAPES),
+    )
+    policy_update: str = field(
+        default="restart",
+        metadata=_meta("How the server gets each round's policy: restart (on the merged "
+                       "checkpoint) or lora (keep the base loaded with --enable-lora and load "
+                       "the round's adapter, stacked relative to the base, under a name of its "
+                       "own; falls back to a restart when the stacked rank exceeds "
+                       "max_lora_rank).", ("restart", "lora"), fp=SHAPES),
+    )
+    max_lora_rank: int = field(
+        default=64,
+        metadata=_meta("--max-lora-rank with policy_update: lora (one of "
+                       + ", ".join(map(str, VLLM_LORA_RANKS)) + "): at least train.lora_r times "
+                       "the rounds whose adapters are stacked.", fp=OPERATIONAL),
+    )
+    during_training: str = field(
+        default="sleep",
+        metadata=_meta("What the server does while training uses the GPU: sleep (level 1: "
+                       "weights to CPU RAM, KV cache dropped; woken after, in well under a "
+                       "second), stop (restarted after), or keep (a GPU of its own or room "
+                       "to spare).", ("sleep", "stop", "keep"), fp=OPERATIONAL),
+    )
+    startup_timeout: float = field(
+        default=600.0, metadata=_meta("Seconds to wait for the server's /health after a "
+                                      "start.", fp=OPERATIONAL))
+    concurrency: int = field(
+        default=64, metadata=_meta("Requests in flight at once (vLLM batches them).",
+                                   fp=OPERATIONAL))
+
+
 @_documented
 @dataclass
 class ModelsConfig:
@@ -237,15 +309,22 @@ class ModelsConfig:
     )
     backend: str = field(
         default="transformers",
-        metadata=_meta("In-process inference backend for the local roles.", ("transformers",),
+        metadata=_meta("Inference backend of the local roles (the policy, and a judge or "
+                       "generator given as a checkpoint): transformers (in-process) or vllm (a "
+                       "managed `vllm serve`, see models.vllm).", ("transformers", "vllm"),
                        fp=SHAPES)
+    )
+    vllm: VLLMConfig = field(
+        default_factory=VLLMConfig,
+        metadata=_section("The managed vLLM server (models.backend: vllm)."),
     )
     device: str = field(
         default="cpu",
         metadata=_meta("Device for inference and training: cpu; cuda (= cuda:0); cuda:N (the "
-                       "N-th GPU torch sees, after CUDA_VISIBLE_DEVICES; training uses that one "
-                       "GPU, no data parallelism); auto (cuda:0 where torch sees a GPU, else "
-                       "the CPU). A GPU that is not there is an error naming this setting.",
+                       "N-th GPU torch sees, after CUDA_VISIBLE_DEVICES; one-process training "
+                       "uses that GPU, train.num_processes N > 1 GPUs 0 to N-1); auto (cuda:0 "
+                       "where torch sees a GPU, else the CPU). A GPU that is not there is an "
+                       "error naming this setting.",
                        fp=OPERATIONAL),
     )
     dtype: str = field(
@@ -497,6 +576,28 @@ class TrainConfig:
         metadata=_meta("Save a training checkpoint every N optimizer steps, so a killed run "
                        "resumes training from it; 0 = no checkpoints (training restarts).",
                            fp=OPERATIONAL),
+    )
+    num_processes: int = field(
+        default=1,
+        metadata=_meta("Training processes: 1 trains inside flywheel; N > 1 runs the same "
+                       "training under `accelerate launch`, one process per GPU (GPUs 0 to "
+                       "N-1 of those CUDA_VISIBLE_DEVICES leaves), or N CPU processes over gloo "
+                       "with models.device: cpu. Each process takes train.batch_size pairs a "
+                       "step: the effective batch is batch_size x grad_accum x num_processes. "
+                       "A resumed training needs the same number.", fp=ADDED),
+    )
+    distributed: str = field(
+        default="ddp",
+        metadata=_meta("How several processes train (num_processes > 1): ddp (each process "
+                       "holds the whole model; gradients are averaged) or fsdp (the model, "
+                       "gradients and optimizer state are sharded across the processes, for a "
+                       "policy that does not fit one GPU).", ("ddp", "fsdp"), fp=OPERATIONAL),
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata=_meta("Recompute activations in the backward pass instead of keeping them "
+                       "(non-reentrant, as PEFT needs): less GPU memory, about a third slower.",
+                       fp=OPERATIONAL),
     )
 
 
@@ -923,6 +1024,7 @@ _POSITIVE = (
     "models.batch_size", "prompts.max_new_tokens", "sampling.n", "sampling.max_new_tokens",
     "judge.samples", "judge.max_new_tokens", "train.beta", "train.learning_rate", "train.epochs",
     "train.batch_size", "train.grad_accum", "train.max_length", "train.lora_r", "train.lora_alpha",
+    "train.num_processes",
     "eval.max_new_tokens", "prompts.max_constraints", "prompts.max_prompt_tokens",
 )
 _NON_NEGATIVE = (
@@ -1037,6 +1139,30 @@ def _role_problems(cfg: Config) -> list[tuple[str, str]]:
     return out
 
 
+def _vllm_problems(cfg: Config) -> list[tuple[str, str]]:
+    """Settings of the managed vLLM server that cannot work."""
+    v = cfg.models.vllm
+    out: list[tuple[str, str]] = []
+    for name in ("tensor_parallel_size", "max_model_len", "startup_timeout", "concurrency"):
+        if getattr(v, name) <= 0:
+            out.append((f"models.vllm.{name}", f"must be > 0, got {getattr(v, name)!r}"))
+    if not 0 < v.gpu_memory_utilization <= 1:
+        out.append(("models.vllm.gpu_memory_utilization",
+                    f"must be in (0, 1], got {v.gpu_memory_utilization!r}"))
+    if v.max_lora_rank not in VLLM_LORA_RANKS:
+        out.append(("models.vllm.max_lora_rank", f"must be one of "
+                    f"{', '.join(map(str, VLLM_LORA_RANKS))} (what vLLM accepts), got "
+                    f"{v.max_lora_rank!r}"))
+    elif (cfg.models.backend == "vllm" and v.policy_update == "lora"
+          and cfg.train.lora_r > v.max_lora_rank):
+        out.append(("models.vllm.max_lora_rank", f"is {v.max_lora_rank}, below train.lora_r "
+                    f"({cfg.train.lora_r}): no adapter could be loaded; raise it"))
+    if not v.python:
+        out.append(("models.vllm.python", "must name the interpreter of the vLLM environment "
+                    "(e.g. .venv-vllm/bin/python)"))
+    return out
+
+
 def _redacted(url: str) -> str:
     """A URL without user:password@ and without its query string (the backend's rule,
     imported only when a bad URL is reported)."""
@@ -1048,7 +1174,7 @@ def _redacted(url: str) -> str:
 def _problems(cfg: Config) -> list[tuple[str, str]]:
     """(dotted key, message) for every invalid value."""
     return (_choice_problems(cfg) + _range_problems(cfg) + _relation_problems(cfg)
-            + _role_problems(cfg))
+            + _role_problems(cfg) + _vllm_problems(cfg))
 
 
 def validate(cfg: Config) -> list[str]:

@@ -55,9 +55,21 @@ class Context:
             from flywheel.backends import get_backend
 
             m = self.cfg.models
+            extra = {}
+            if m.backend == "vllm":  # a managed server: its settings, its log in the workspace
+                extra = {"settings": m.vllm, "log": self.log,
+                         "log_path": Path(self.cfg.workspace) / ".flywheel" / "vllm-server.log"}
             self._backend = get_backend(m.backend, device=m.device, dtype=m.dtype,
-                                        batch_size=m.batch_size, progress=self.cfg.progress)
+                                        batch_size=m.batch_size, progress=self.cfg.progress,
+                                        **extra)
         return self._backend
+
+    def close(self) -> None:
+        """Let go of what the run started: a managed inference server is stopped."""
+        backend, self._backend = self._backend, None
+        close = getattr(backend, "close", None)
+        if close is not None:
+            close()
 
     def served(self, role: str) -> Backend:
         """The backend of a role behind an endpoint (one per role, with the workspace's
@@ -143,6 +155,12 @@ def preflight(cfg: Config) -> None:
             problems += length_problems(path, records, cfg.prompts.max_prompt_tokens,
                                         cfg.models.policy.path)
     problems += check_endpoints(cfg)
+    if cfg.models.backend == "vllm":
+        from flywheel.backends.vllm import vllm_missing
+
+        missing = vllm_missing(cfg.models.vllm.python)
+        if missing:
+            problems.append(f"models.backend is vllm, but {missing}")
     if problems:
         raise FlywheelError("cannot start: nothing was written", details=problems)
 
@@ -233,8 +251,12 @@ def _eval_prompts(cfg: Config) -> pd.DataFrame:
 
 def _gen_params(cfg: Config) -> dict:
     """The model settings that shape what any generating stage makes (backend, dtype,
-    batch size: see the `models` section's declarations)."""
-    return shaping(cfg.models)
+    batch size: see the `models` section's declarations; with the vllm backend, the server's
+    settings that shape outputs)."""
+    params = shaping(cfg.models)
+    if cfg.models.backend == "vllm":
+        params["vllm"] = shaping(cfg.models.vllm)
+    return params
 
 
 # -- round 0: seeds, base model, base eval ----------------------------------------------------
@@ -758,6 +780,8 @@ def running(cfg: Config, run_id: str | None = None, command: str = "") -> Iterat
     except BaseException as exc:
         if isinstance(exc, Interrupted):
             exc.round, exc.stage = ctx.stage or (None, None)
+        with interrupt.deferred():  # a managed server is stopped before anything else
+            ctx.close()
         try:
             with interrupt.deferred():  # a second Ctrl-C does not cut the record short
                 _record_end(ctx, exc, command)
@@ -766,6 +790,7 @@ def running(cfg: Config, run_id: str | None = None, command: str = "") -> Iterat
         except Exception:  # the failure being reported matters more
             pass
         raise
+    ctx.close()
     ctx.catalog.event(ctx.run_id, "finish")
 
 

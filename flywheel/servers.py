@@ -130,6 +130,26 @@ def child_setup(*, new_group: bool = False, unblock: Iterable[int] = ()):
     return setup
 
 
+_SPAWNER = None
+_SPAWNER_LOCK = threading.Lock()
+
+
+def spawn(*args, **kwargs) -> subprocess.Popen:
+    """`subprocess.Popen(*args, **kwargs)` from a thread that lives as long as this process:
+    the main thread, or else one spawning thread kept for the purpose. A child set up by
+    `child_setup` gets its parent-death signal when the thread that started it ends, and a
+    Prefect task's worker thread can end long before flywheel does."""
+    global _SPAWNER
+    if threading.current_thread() is threading.main_thread():
+        return subprocess.Popen(*args, **kwargs)
+    with _SPAWNER_LOCK:
+        if _SPAWNER is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _SPAWNER = ThreadPoolExecutor(1, thread_name_prefix="flywheel-spawn")
+    return _SPAWNER.submit(subprocess.Popen, *args, **kwargs).result()
+
+
 def group_members(pgid: int) -> list[int]:
     """The live (not zombie) processes of process group `pgid` (Linux: from /proc; elsewhere
     `[pgid]` while the group can be signalled)."""
@@ -240,7 +260,7 @@ class ManagedServer:
             log.write(f"--- {stamp} flywheel starts: {self.command}\n".encode())
             log.flush()
             try:
-                self.proc = subprocess.Popen(
+                self.proc = spawn(
                     self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     env={**os.environ, **self.env} if self.env else None,
                     start_new_session=True, preexec_fn=child_setup())

@@ -230,7 +230,7 @@ def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
     ("models.dtype=int8", "models.dtype: 'int8' is not one of: float32, bfloat16, float16"),
     ("train.method=ppo", "train.method: 'ppo' is not one of: dpo, spin"),
     ("judge.verdict=vibes", "judge.verdict: 'vibes' is not one of: text, logprobs"),
-    ("models.backend=vllm", "models.backend: 'vllm' is not one of: transformers"),
+    ("models.backend=tgi", "models.backend: 'tgi' is not one of: transformers, vllm"),
 ])
 def test_value_checks(override: str, expected: str) -> None:
     assert f"--set: {expected}" in error_of(overrides=(override,))

@@ -103,6 +103,7 @@ class CountsTokens(Protocol):
 BACKENDS: dict[str, str] = {
     "transformers": "flywheel.backends.transformers:TransformersBackend",
     "openai": "flywheel.backends.openai:OpenAIBackend",
+    "vllm": "flywheel.backends.vllm:VLLMBackend",
 }
 
 #: Backends whose models run behind a network service (a request can fail for a moment and

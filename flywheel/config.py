@@ -395,6 +395,14 @@ class PromptsConfig:
         default_factory=list,
         metadata=_meta("Constraint-library subset to draw from; empty = all.", fp=SHAPES),
     )
+    phrasings: str = field(
+        default="one",
+        metadata=_meta("How a new prompt's constraint instructions are worded: one (each "
+                       "type's usual sentence) or varied (one of the type's training "
+                       "phrasings, drawn per prompt). The transfer phrasings, held out for "
+                       "the eval's transfer split, are never used.", ("one", "varied"),
+                       fp=ADDED),
+    )
     template: str = field(
         default="self_instruct.j2",
         metadata=_meta("Prompt-generation template: a file name, looked up in prompts/ of the "
@@ -421,6 +429,27 @@ class SamplingConfig:
         default=32,
         metadata=_meta("Prompts sampled per round: the round's new prompts first, then a seeded "
                        "draw from the rest of the pool; 0 = the whole pool.", fp=SHAPES),
+    )
+    explore_budget: int = field(
+        default=0,
+        metadata=_meta("Exploration: extra candidates per round, in total, for prompts whose "
+                       "candidates all pass or all fail their constraints (no verifier pair); "
+                       "prompts whose candidates all fail go first; 0 = off. DPO only.",
+                       fp=ADDED),
+    )
+    explore_n: int = field(
+        default=2,
+        metadata=_meta("Exploration: extra candidates per such prompt per exploration pass.",
+                       fp=ADDED),
+    )
+    explore_rounds: int = field(
+        default=2,
+        metadata=_meta("Exploration: passes at most; each draws again for the prompts that "
+                       "still have no pass and fail, until the budget is spent.", fp=ADDED),
+    )
+    explore_temperature: float = field(
+        default=1.0,
+        metadata=_meta("Exploration: sampling temperature of the extra candidates.", fp=ADDED),
     )
 
 
@@ -502,6 +531,13 @@ class PairsConfig:
         metadata=_meta("Drop pairs whose chosen/rejected length ratio exceeds this; 0 = no cap.",
                        fp=SHAPES),
     )
+    per_prompt: int = field(
+        default=1,
+        metadata=_meta("DPO pairs per prompt at most: 1 = best vs worst; more adds pairs across "
+                       "the verifier split (largest margin first, then the judge's order), "
+                       "each kept by the same rules, never the same texts twice, and no "
+                       "sample both chosen and rejected.", fp=ADDED),
+    )
 
 
 @_documented
@@ -518,6 +554,20 @@ class TrainConfig:
     loss_type: list[str] = field(
         default_factory=lambda: ["sigmoid"],
         metadata=_meta("TRL DPO loss types (several are combined).", DPO_LOSS_TYPES, fp=SHAPES),
+    )
+    loss_weights: list[float] = field(
+        default_factory=list,
+        metadata=_meta("Weights of the train.loss_type losses, one each, all >= 0; [] = 1.0 "
+                       "each. [sigmoid, sft] with [1.0, 0.2] is DPO plus an NLL term on the "
+                       "chosen answer (RPO).", fp=ADDED),
+    )
+    sft_epochs: float = field(
+        default=0.0,
+        metadata=_meta("Epochs of a supervised step before DPO on the round's verified passes "
+                       "(the chosen answers of verifier-ruled pairs that pass every "
+                       "constraint), in the same LoRA adapter; DPO's reference is then the "
+                       "model after it. 0 = no SFT step. Not with train.distributed: fsdp.",
+                       fp=ADDED),
     )
     beta: float = field(
         default=0.1,
@@ -600,6 +650,33 @@ class TrainConfig:
                        fp=OPERATIONAL),
     )
 
+    def problems(self, prefix: str = "train.") -> list[tuple[str, str]]:
+        """(dotted key, message) for the loss weights and the SFT step where they cannot
+        work: weights not one per loss type, negative or all 0, a negative SFT step or one
+        under FSDP."""
+        out: list[tuple[str, str]] = []
+        w = self.loss_weights
+        if w and len(w) != len(self.loss_type):
+            out.append((f"{prefix}loss_weights", f"has {len(w)} weight{'s' * (len(w) != 1)} "
+                        f"for {len(self.loss_type)} loss type"
+                        f"{'s' * (len(self.loss_type) != 1)} ({prefix}loss_type: "
+                        f"[{', '.join(self.loss_type)}]): give one weight per loss type, or "
+                        "[] for 1.0 each"))
+        negative = [x for x in w if x < 0]
+        if negative:
+            out.append((f"{prefix}loss_weights", f"must all be >= 0, got {negative[0]!r}"))
+        elif w and not any(w):
+            out.append((f"{prefix}loss_weights", "are all 0: nothing would be trained; give "
+                        "at least one loss a weight > 0"))
+        if self.sft_epochs < 0:
+            out.append((f"{prefix}sft_epochs", f"must be >= 0, got {self.sft_epochs!r}"))
+        if self.sft_epochs > 0 and self.num_processes > 1 and self.distributed == "fsdp":
+            out.append((f"{prefix}sft_epochs", f"needs {prefix}distributed: ddp (or "
+                        f"{prefix}num_processes: 1) for now: the SFT step cannot hand an "
+                        f"FSDP-sharded model on to DPO; set {prefix}sft_epochs: 0 to train "
+                        "with fsdp"))
+        return out
+
 
 @_documented
 @dataclass
@@ -607,11 +684,14 @@ class EvalConfig:
     """Evaluating each round's model against the previous one."""
 
     prompts_file: str = field(
-        default="data/eval_prompts.jsonl", metadata=_meta("JSONL file of held-out eval prompts.",
-                                                          fp=SHAPES)
+        default="data/eval_prompts.jsonl",
+        metadata=_meta("JSONL file of held-out eval prompts; lines marked \"split\": "
+                       "\"transfer\" form the transfer split (unseen topics and instruction "
+                       "phrasings), the others the in-distribution split.", fp=SHAPES),
     )
-    max_prompts: int = field(default=0, metadata=_meta("Eval prompts used at most; 0 = all.",
-                                                       fp=SHAPES))
+    max_prompts: int = field(default=0, metadata=_meta("Eval prompts used at most from each "
+                                                       "split (the first ones of the file); "
+                                                       "0 = all.", fp=SHAPES))
     max_new_tokens: int = field(default=96, metadata=_meta("Maximum tokens per eval answer.",
                                                            fp=SHAPES))
     judge: bool = field(
@@ -839,6 +919,8 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
             return "", None
         return (value, None) if isinstance(value, str) else (None, _expected(hint, value))
     if typing.get_origin(hint) is list:
+        if typing.get_args(hint)[0] is float:
+            return _coerce_float_list(value)
         return _coerce_str_list(value)
     if hint is dict or typing.get_origin(hint) is dict:
         if value is None:
@@ -868,6 +950,19 @@ def _coerce_str_list(value: Any) -> tuple[Any, str | None]:
         if not isinstance(item, str):
             return None, f"expected list[str], but item {i} is {_describe(item)}"
     return list(value), None
+
+
+def _coerce_float_list(value: Any) -> tuple[Any, str | None]:
+    """A list whose items are all numbers (floats, ints, or strings like ``2e-4``)."""
+    if not isinstance(value, list):
+        return None, f"expected list[float], got {_describe(value)}"
+    out = []
+    for i, item in enumerate(value):
+        number, error = _coerce_float(item)
+        if error:
+            return None, f"expected list[float], but item {i} is {_describe(item)}"
+        out.append(number)
+    return out, None
 
 
 def _expected(hint: Any, value: Any) -> str:
@@ -1021,6 +1116,7 @@ def _choice_problems(cfg: Config) -> list[tuple[str, str]]:
 
 
 _POSITIVE = (
+    "sampling.explore_n", "sampling.explore_rounds", "pairs.per_prompt",
     "models.batch_size", "prompts.max_new_tokens", "sampling.n", "sampling.max_new_tokens",
     "judge.samples", "judge.max_new_tokens", "train.beta", "train.learning_rate", "train.epochs",
     "train.batch_size", "train.grad_accum", "train.max_length", "train.lora_r", "train.lora_alpha",
@@ -1028,6 +1124,7 @@ _POSITIVE = (
     "eval.max_new_tokens", "prompts.max_constraints", "prompts.max_prompt_tokens",
 )
 _NON_NEGATIVE = (
+    "sampling.explore_budget", "sampling.explore_temperature",
     "seed", "prompts.num_new", "prompts.max_attempts", "prompts.few_shot", "prompts.min_chars",
     "prompts.temperature", "sampling.temperature", "sampling.prompts_per_round",
     "judge.temperature", "pairs.min_margin", "pairs.min_verifier_margin",
@@ -1075,6 +1172,7 @@ def _relation_problems(cfg: Config) -> list[tuple[str, str]]:
         out.append(("workspace", "must not be empty"))
     if not cfg.train.lora_targets:
         out.append(("train.lora_targets", "must name at least one module"))
+    out += cfg.train.problems()
     return out + _constraint_type_problems(cfg)
 
 

@@ -5,6 +5,12 @@ A prompt may carry constraints as data next to its text, e.g.
 type has a plain Python verifier (``check``), a natural-language instruction
 (``describe``) and parameter ``choices`` for synthesising new constrained prompts.
 
+Each type is also worded in several phrasings (:data:`PHRASINGS`): TRAINING phrasings, the
+first of which is ``describe``, for the prompts the loop trains on, and held-out TRANSFER
+phrasings, used only by the eval's transfer split (see flywheel.promptfile);
+:func:`phrase_constraints` writes instructions in one, :func:`strip_instructions` takes any of
+them back off a prompt.
+
 Counting conventions (shared by every verifier):
 
 * Words: ``re.findall(r"\\b\\w+(?:['’]\\w+)*\\b", text)`` — runs of letters, digits
@@ -205,26 +211,153 @@ def _max_sentences(response: str, n: int) -> Evaluation:
     return (count <= n, f"{_plural(count, 'sentence')} {'<=' if count <= n else '>'} {n}")
 
 
-# ---------------------------------------------------------------- descriptions
+# ---------------------------------------------------------------- phrasings
+#
+# Each type is instructed in several phrasings, all with the same meaning for its verifier.
+# TRAINING phrasings are the ones prompts made for training use (the seed file and
+# self-instruct); TRANSFER phrasings are held out: only the transfer split of the eval file
+# uses them, so the eval measures whether what the loop teaches carries over to wordings it
+# never trained on. Training phrasings speak of "your answer"; transfer phrasings of "your
+# response" or "your reply". The first training phrasing is the type's ``describe``.
+
+Phrasing = Callable[..., str]
 
 
-def _describe_ends_with(phrase: str) -> str:
-    # The phrase usually ends the sentence itself ("Done."); add a period only when it doesn't.
-    stop = "" if phrase[-1:] in ".!?" else "."
-    return f'End your answer with the exact phrase "{phrase}"{stop}'
+def _stop(phrase: str) -> str:
+    """'' when a quoted phrase already ends the sentence ("Done."), else '.'."""
+    return "" if phrase[-1:] in ".!?" else "."
 
 
-def _describe_bullets(n: int) -> str:
-    return f'Answer with exactly {n} bullet points, each starting with "- ".'
+def _keys(keys: list[str]) -> str:
+    """'the key "a"' / 'the keys "a" and "b"'."""
+    return ("the key " if len(keys) == 1 else "the keys ") + _quote_list(keys)
 
 
-def _describe_json(keys: list[str]) -> str:
-    noun = "key" if len(keys) == 1 else "keys"
-    return f"Answer only with a JSON object that has the {noun} {_quote_list(keys)}."
+def _sentences(n: int) -> str:
+    return _plural(n, "sentence")
 
 
-def _describe_sentences(n: int) -> str:
-    return "Answer in one sentence." if n == 1 else f"Answer in at most {n} sentences."
+def _bullets(n: int) -> str:
+    return _plural(n, "bullet point")
+
+
+@dataclass(frozen=True)
+class Phrasebook:
+    """The phrasings of one constraint type: ``training`` (the first is its ``describe``)
+    and held-out ``transfer`` ones; each takes the type's parameters as keywords."""
+
+    training: tuple[Phrasing, ...]
+    transfer: tuple[Phrasing, ...]
+
+
+#: Phrasing splits: which phrasings a prompt may be written with.
+PHRASING_SPLITS = ("training", "transfer")
+
+PHRASINGS: dict[str, Phrasebook] = {
+    "max_words": Phrasebook(
+        training=(lambda n: f"Answer in at most {n} words.",
+                  lambda n: f"Use no more than {n} words in your answer.",
+                  lambda n: f"Keep your answer to {n} words or fewer."),
+        transfer=(lambda n: f"Your response must not exceed {n} words.",
+                  lambda n: f"Reply in fewer than {n + 1} words."),
+    ),
+    "min_words": Phrasebook(
+        training=(lambda n: f"Answer in at least {n} words.",
+                  lambda n: f"Use {n} or more words in your answer.",
+                  lambda n: f"Write no fewer than {n} words in your answer."),
+        transfer=(lambda n: f"Your response must contain a minimum of {n} words.",
+                  lambda n: f"Reply with more than {n - 1} words."),
+    ),
+    "lowercase": Phrasebook(
+        training=(lambda: "Write your whole answer in lowercase letters only.",
+                  lambda: "Use only lowercase letters in your answer.",
+                  lambda: "Do not use any capital letters in your answer."),
+        transfer=(lambda: "Your entire response should be in small letters, with no "
+                          "uppercase characters at all.",
+                  lambda: "Reply without a single capital letter."),
+    ),
+    "uppercase": Phrasebook(
+        training=(lambda: "Write your whole answer in capital letters only.",
+                  lambda: "Use only uppercase letters in your answer.",
+                  lambda: "Write your answer in ALL CAPS."),
+        transfer=(lambda: "Your entire response should be in block capitals, with no "
+                          "lowercase characters at all.",
+                  lambda: "Reply without a single small letter."),
+    ),
+    "ends_with": Phrasebook(
+        training=(lambda phrase: f'End your answer with the exact phrase "{phrase}"'
+                                 f"{_stop(phrase)}",
+                  lambda phrase: f'Finish your answer with "{phrase}"{_stop(phrase)}',
+                  lambda phrase: f'The last words of your answer must be "{phrase}"'
+                                 f"{_stop(phrase)}"),
+        transfer=(lambda phrase: f'Your response must conclude with the words "{phrase}"'
+                                 f"{_stop(phrase)}",
+                  lambda phrase: f'Close the reply with "{phrase}", with nothing after it.'),
+    ),
+    "starts_with": Phrasebook(
+        training=(lambda phrase: f'Start your answer with "{phrase}".',
+                  lambda phrase: f'Begin your answer with "{phrase}".',
+                  lambda phrase: f'Your answer must open with "{phrase}".'),
+        transfer=(lambda phrase: f'The very first word of your response must be "{phrase}".'
+                  if " " not in phrase.strip() else
+                  f'The very first words of your response must be "{phrase}".',
+                  lambda phrase: f'Put "{phrase}" at the very beginning of the reply.'),
+    ),
+    "contains_keyword": Phrasebook(
+        training=(lambda keyword: f'Use the word "{keyword}" in your answer.',
+                  lambda keyword: f'Include the word "{keyword}" in your answer.',
+                  lambda keyword: f'Make sure your answer contains the word "{keyword}".'),
+        transfer=(lambda keyword: f'Your response must mention "{keyword}" at least once.',
+                  lambda keyword: f'Work the word "{keyword}" into the reply.'),
+    ),
+    "excludes_keyword": Phrasebook(
+        training=(lambda keyword: f'Do not use the word "{keyword}" in your answer.',
+                  lambda keyword: f'Avoid the word "{keyword}" in your answer.',
+                  lambda keyword: f'Never write the word "{keyword}" in your answer.'),
+        transfer=(lambda keyword: f'Your response must not contain "{keyword}" anywhere.',
+                  lambda keyword: f'Leave the word "{keyword}" out of the reply entirely.'),
+    ),
+    "bullet_count": Phrasebook(
+        training=(lambda n: f'Answer with exactly {n} bullet points, each starting with "- ".',
+                  lambda n: f'Give exactly {_bullets(n)} in your answer, each on its own '
+                            f'line starting with "- ".',
+                  lambda n: f'Write your answer as a list of exactly {_bullets(n)} that '
+                            f'start with "- ".'),
+        transfer=(lambda n: f'Format the response as precisely {n} '
+                            f'{"line" if n == 1 else "lines"} beginning with "- ", no more '
+                            f"and no fewer.",
+                  lambda n: f"Reply with a list of {n} {'item' if n == 1 else 'items'}, each "
+                            'on a new line that begins with "- ".'),
+    ),
+    "json_keys": Phrasebook(
+        training=(lambda keys: f"Answer only with a JSON object that has {_keys(keys)}.",
+                  lambda keys: f"Give only a JSON object containing {_keys(keys)} as your "
+                               "answer.",
+                  lambda keys: f"Your whole answer must be a JSON object with {_keys(keys)}."),
+        transfer=(lambda keys: "Return nothing but a valid JSON object whose fields include "
+                               f"{_quote_list(keys)}.",
+                  lambda keys: "Output a single JSON object (no other text) with the "
+                               f"{'property' if len(keys) == 1 else 'properties'} "
+                               f"{_quote_list(keys)}."),
+    ),
+    "no_commas": Phrasebook(
+        training=(lambda: "Do not use any commas in your answer.",
+                  lambda: "Write your answer without commas.",
+                  lambda: "Avoid commas entirely in your answer."),
+        transfer=(lambda: "Your response must not contain a single comma.",
+                  lambda: "Refrain from using the comma character anywhere in the reply."),
+    ),
+    "max_sentences": Phrasebook(
+        training=(lambda n: "Answer in one sentence." if n == 1
+                  else f"Answer in at most {n} sentences.",
+                  lambda n: f"Use no more than {_sentences(n)} in your answer.",
+                  lambda n: "Keep your answer to a single sentence." if n == 1
+                  else f"Keep your answer to {n} sentences or fewer."),
+        transfer=(lambda n: f"Your response must not exceed {_sentences(n)}.",
+                  lambda n: "Reply in just one sentence." if n == 1
+                  else f"Limit the reply to a maximum of {n} sentences."),
+    ),
+}
 
 
 # ---------------------------------------------------------------- registry
@@ -234,84 +367,40 @@ def _make(
     name: str,
     params: dict[str, type],
     evaluate: Callable[..., Evaluation],
-    describe: Callable[..., str],
     choices: dict[str, list] | None = None,
     version: str = "1",
 ) -> ConstraintType:
-    """Build a :class:`ConstraintType` whose ``check`` is derived from ``evaluate``."""
+    """Build a :class:`ConstraintType` whose ``check`` is derived from ``evaluate`` and whose
+    ``describe`` is its first training phrasing (see :data:`PHRASINGS`)."""
 
     def check(response: str, **kwargs: Any) -> bool:
         return evaluate(response, **kwargs)[0]
 
     check.__name__ = f"check_{name}"
     check.__doc__ = f"True when ``response`` satisfies {name}."
+    describe = PHRASINGS[name].training[0]
     return ConstraintType(name, version, params, check, describe, choices or {}, evaluate)
 
 
 CONSTRAINTS: dict[str, ConstraintType] = {
     c.name: c
     for c in [
-        _make(
-            "max_words",
-            {"n": int},
-            _max_words,
-            lambda n: f"Answer in at most {n} words.",
-            {"n": [10, 15, 20, 25, 30]},
-        ),
-        _make(
-            "min_words",
-            {"n": int},
-            _min_words,
-            lambda n: f"Answer in at least {n} words.",
-            {"n": [5, 10]},
-        ),
-        _make(
-            "lowercase",
-            {},
-            _lowercase,
-            lambda: "Write your whole answer in lowercase letters only.",
-        ),
-        _make(
-            "uppercase", {}, _uppercase, lambda: "Write your whole answer in capital letters only."
-        ),
-        _make(
-            "ends_with",
-            {"phrase": str},
-            _ends_with,
-            _describe_ends_with,
-            {"phrase": ["Done.", "That is all.", "Thank you."]},
-        ),
-        _make(
-            "starts_with",
-            {"phrase": str},
-            _starts_with,
-            lambda phrase: f'Start your answer with "{phrase}".',
-            {"phrase": ["Yes", "Sure", "Answer:"]},
-        ),
-        _make(
-            "contains_keyword",
-            {"keyword": str},
-            _contains_keyword,
-            lambda keyword: f'Use the word "{keyword}" in your answer.',
-            {"keyword": ["simple", "example", "important", "because"]},
-        ),
-        _make(
-            "excludes_keyword",
-            {"keyword": str},
-            _excludes_keyword,
-            lambda keyword: f'Do not use the word "{keyword}" in your answer.',
-            {"keyword": ["very", "also", "really", "can"]},
-        ),
-        _make("bullet_count", {"n": int}, _bullet_count, _describe_bullets, {"n": [2, 3]}),
-        _make(
-            "json_keys",
-            {"keys": list},
-            _json_keys,
-            _describe_json,
-            {"keys": [["answer"], ["name", "reason"]]},
-        ),
-        _make("no_commas", {}, _no_commas, lambda: "Do not use any commas in your answer."),
-        _make("max_sentences", {"n": int}, _max_sentences, _describe_sentences, {"n": [1, 2, 3]}),
+        _make("max_words", {"n": int}, _max_words, {"n": [10, 15, 20, 25, 30]}),
+        _make("min_words", {"n": int}, _min_words, {"n": [5, 10]}),
+        _make("lowercase", {}, _lowercase),
+        _make("uppercase", {}, _uppercase),
+        _make("ends_with", {"phrase": str}, _ends_with,
+              {"phrase": ["Done.", "That is all.", "Thank you."]}),
+        _make("starts_with", {"phrase": str}, _starts_with,
+              {"phrase": ["Yes", "Sure", "Answer:"]}),
+        _make("contains_keyword", {"keyword": str}, _contains_keyword,
+              {"keyword": ["simple", "example", "important", "because"]}),
+        _make("excludes_keyword", {"keyword": str}, _excludes_keyword,
+              {"keyword": ["very", "also", "really", "can"]}),
+        _make("bullet_count", {"n": int}, _bullet_count, {"n": [2, 3]}),
+        _make("json_keys", {"keys": list}, _json_keys, {"keys": [["answer"], ["name", "reason"]]}),
+        _make("no_commas", {}, _no_commas),
+        _make("max_sentences", {"n": int}, _max_sentences, {"n": [1, 2, 3]}),
     ]
 }
 
@@ -430,6 +519,52 @@ def describe_constraints(constraints: list[dict]) -> str:
     """The natural-language instructions for ``constraints``, joined by spaces."""
     _require_valid(constraints)
     return " ".join(CONSTRAINTS[c["type"]].describe(**_params(c)) for c in constraints)
+
+
+def phrasings(name: str, split: str = "training") -> tuple[Phrasing, ...]:
+    """The phrasings of constraint type ``name`` in ``split`` (training or transfer)."""
+    if split not in PHRASING_SPLITS:
+        raise ValueError(f"unknown phrasing split {split!r} (one of: "
+                         f"{', '.join(PHRASING_SPLITS)})")
+    return getattr(PHRASINGS[name], split)
+
+
+def phrase_constraints(constraints: list[dict], rng: random.Random | None = None,
+                       split: str = "training") -> str:
+    """The instructions for ``constraints``, joined by spaces, each in a phrasing of ``split``
+    drawn with ``rng`` (one draw per constraint). Without an rng: each type's first phrasing
+    of the split, so ``phrase_constraints(c)`` is :func:`describe_constraints`."""
+    _require_valid(constraints)
+    out = []
+    for c in constraints:
+        options = phrasings(c["type"], split)
+        chosen = options[0] if rng is None else options[rng.randrange(len(options))]
+        out.append(chosen(**_params(c)))
+    return " ".join(out)
+
+
+def renderings(constraint: dict, split: str | None = None) -> list[str]:
+    """Every phrasing of one constraint rendered with its parameters (of ``split``; None:
+    both splits), without repeats, in phrasebook order."""
+    _require_valid([constraint])
+    splits = PHRASING_SPLITS if split is None else (split,)
+    texts = [f(**_params(constraint)) for s in splits for f in phrasings(constraint["type"], s)]
+    return list(dict.fromkeys(texts))
+
+
+def strip_instructions(text: str, constraints: list[dict]) -> str:
+    """``text`` without the instruction sentences of ``constraints`` at its end, in any of
+    their phrasings (both splits): the task alone. The instructions follow the task in the
+    constraints' order; a text that does not end with one phrasing of each of them is returned
+    unchanged."""
+    rest = text
+    for c in reversed(constraints):
+        match = next((r for r in sorted(renderings(c), key=len, reverse=True)
+                      if rest.endswith(r)), None)
+        if match is None:
+            return text
+        rest = rest[: -len(match)].rstrip()
+    return rest.strip()
 
 
 # ---------------------------------------------------------------- sampling

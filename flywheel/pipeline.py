@@ -242,11 +242,15 @@ def _prompts(ctx: Context, versions: list[str]) -> pd.DataFrame:
     return ctx.catalog.rows("prompts", versions).drop_duplicates("prompt_id")
 
 
-def _eval_prompts(cfg: Config) -> pd.DataFrame:
-    from flywheel.stages.prompts import seed_rows
+def _eval_prompts(cfg: Config, *, limit: bool = True) -> pd.DataFrame:
+    """The eval file's prompts with their `split`; with `limit`, the first
+    `eval.max_prompts` of each split (0 = all), in the file's order."""
+    from flywheel.stages.prompts import eval_rows
 
-    rows = seed_rows(load_prompt_file(cfg.eval.prompts_file), cfg.eval.prompts_file)
-    return rows.head(cfg.eval.max_prompts) if cfg.eval.max_prompts else rows
+    rows = eval_rows(load_prompt_file(cfg.eval.prompts_file), cfg.eval.prompts_file)
+    if not (limit and cfg.eval.max_prompts):
+        return rows
+    return rows[rows.groupby("split").cumcount() < cfg.eval.max_prompts].reset_index(drop=True)
 
 
 def _gen_params(cfg: Config) -> dict:
@@ -323,7 +327,9 @@ def generate_prompts(ctx: Context, round_: int, pool: list[str], policy: str) ->
         fits = counter(_model(ctx, policy)["path"]).fits(cfg.prompts.max_prompt_tokens)
         rows, stats = stage.accept_tasks(
             [g[0].text for g in raw], [ids for _, ids in requests], stage.task_texts(pool_df),
-            stage.task_texts(_eval_prompts(cfg)), cfg.prompts, rng, source_ref=policy,
+            # every eval prompt, of both splits, used or not: its topic stays out of training
+            stage.task_texts(_eval_prompts(cfg, limit=False)), cfg.prompts, rng,
+            source_ref=policy,
             fits=fits)
         return {"prompts": rows}, {"stats": stats}
 
@@ -332,13 +338,22 @@ def generate_prompts(ctx: Context, round_: int, pool: list[str], policy: str) ->
 
 
 def sample(ctx: Context, round_: int, new_prompts: str, pool: list[str], policy: str) -> str:
-    """N candidates per selected prompt (and SPIN's greedy answers) from the policy."""
-    from flywheel.stages.sampling import CODE_VERSION, candidates, select_prompts
+    """N candidates per selected prompt (and SPIN's greedy answers) from the policy; with
+    `sampling.explore_budget` (DPO), more for the prompts whose candidates all pass or all
+    fail their constraints. The version's params record, per constraint type, the prompts
+    with a pass and a fail before and after exploration (`exploration`)."""
+    from dataclasses import replace
+
+    from flywheel.stages.sampling import CODE_VERSION, candidates, explore, select_prompts
 
     cfg, s = ctx.cfg, ctx.cfg.sampling
     spin = cfg.train.method == "spin"
+    if spin or s.explore_budget <= 0:  # no exploration: its settings shape nothing
+        s = replace(s, explore_budget=0)
     params = {"round": round_, "seed": cfg.seed, **shaping(s), "spin": spin,
               **_gen_params(cfg)}
+    if not s.explore_budget:
+        params = {k: v for k, v in params.items() if not k.startswith("explore_")}
 
     def compute(fp):
         model = _model(ctx, policy)
@@ -349,13 +364,17 @@ def sample(ctx: Context, round_: int, new_prompts: str, pool: list[str], policy:
         parts = [candidates(ctx.backend, model["path"], policy, chosen, n=s.n,
                             temperature=s.temperature, top_p=s.top_p,
                             max_new_tokens=s.max_new_tokens, seed=seed, salt=fp)]
+        extra, stats = explore(ctx.backend, model["path"], policy, chosen, parts[0], s,
+                               seed=seed, salt=fp)
+        if not extra.empty:
+            parts.append(extra)
         if spin:
             gold = pool_df[pool_df.gold.notna()]
             parts.append(candidates(ctx.backend, model["path"], policy, gold, n=1,
                                     temperature=0.0, top_p=1.0,
                                     max_new_tokens=s.max_new_tokens, seed=seed, salt=fp,
                                     greedy=True))
-        return {"samples": pd.concat(parts, ignore_index=True)}, {}
+        return {"samples": pd.concat(parts, ignore_index=True)}, {"exploration": stats}
 
     return _stage(ctx, "samples", round_, params, [new_prompts, *pool, policy], compute,
                   code=CODE_VERSION)
@@ -418,22 +437,29 @@ def judge(ctx: Context, round_: int, samples: str, prompt_versions: list[str],
 
 def build_pairs(ctx: Context, round_: int, judgments: str, samples: str,
                 prompt_versions: list[str]) -> str:
-    """Preference pairs (DPO: best vs worst; SPIN: gold vs own answer)."""
-    from flywheel.stages.pairs import CODE_VERSION, spin_pairs
+    """Preference pairs (DPO: best vs worst, or up to `pairs.per_prompt` per prompt; SPIN:
+    gold vs own answer). The version's params count the pairs by rule (`rules`) and, per
+    constraint type, the prompts that ended with a pair (`by_type`)."""
+    from flywheel.stages.pairs import CODE_VERSION, pairs_by_type, spin_pairs
     from flywheel.stages.pairs import build_pairs as best_worst
 
     cfg = ctx.cfg
+    spin = cfg.train.method == "spin"
     # the judge mode is not in these params: the judgments (a parent) carry it in theirs
     params = {"round": round_, **shaping(cfg.pairs), "method": cfg.train.method}
+    if spin:  # SPIN makes one pair per gold answer
+        params.pop("per_prompt", None)
 
     def compute(fp):
         s = ctx.catalog.rows("samples", samples)
-        if cfg.train.method == "spin":
-            rows = spin_pairs(_prompts(ctx, prompt_versions), s, fp)
+        prompts = _prompts(ctx, prompt_versions)
+        if spin:
+            rows = spin_pairs(prompts, s, fp)
         else:
             rows = best_worst(s, ctx.catalog.rows("judgments", judgments), cfg.pairs, fp,
                               mode=cfg.judge.mode)
-        return {"pairs": rows}, {"rules": rows.rule.value_counts().to_dict()}
+        return {"pairs": rows}, {"rules": rows.rule.value_counts().to_dict(),
+                                 "by_type": pairs_by_type(prompts, s, rows)}
 
     return _stage(ctx, "pairs", round_, params, [judgments, samples, *prompt_versions], compute,
                   code=CODE_VERSION)
@@ -482,6 +508,9 @@ def train(ctx: Context, round_: int, pairs: str, prompt_versions: list[str], pol
         metrics = train_lora(start["path"], pair_rows, text, t, out, seed=cfg.seed,
                              device=cfg.models.device, dtype=dtype, progress=cfg.progress,
                              ref_path=ref_path, log=ctx.log)
+        if metrics.get("sft_steps"):
+            ctx.log(f"round {round_} · train     SFT step on {metrics['sft_examples']} verified "
+                    f"passes: {metrics['sft_steps']} steps, loss {metrics['sft_loss']:.3f}")
         row = {"path": str(out), "content_hash": model_hash(out, cfg.hash_cache_path()),
                "base_version": policy,
                "method": t.method, "train_pairs": len(pair_rows),
@@ -524,7 +553,9 @@ def _eval_judge_name(cfg: Config) -> str:
 
 def evaluate(ctx: Context, round_: int, model: str, baseline: str | None,
              baseline_eval: str | None) -> str:
-    """Held-out eval: constraint pass rates; with a baseline, win rate in both orders."""
+    """Held-out eval: constraint pass rates and answer lengths of both splits, per constraint
+    type (in the version's params: `splits`); with a baseline, the win rate in both orders
+    on the in-distribution split."""
     from flywheel.stages import evaluate as stage
 
     cfg = ctx.cfg
@@ -535,17 +566,33 @@ def evaluate(ctx: Context, round_: int, model: str, baseline: str | None,
                                                              else [])
 
     def compute(fp):
+        from flywheel.promptfile import IN_DISTRIBUTION
+
         prompts = _eval_prompts(cfg)
         items = _answers(ctx, model, prompts, baseline_eval)
+        split_of = dict(zip(prompts.prompt_id, prompts.split))
+        splits = [split_of[p] for p in items.prompt_id]
+        # the in-distribution split is compared with the baseline and gives pass_rate; the
+        # transfer split is only measured (its items carry no baseline, verdicts or outcome)
+        ind = pd.Series([s == IN_DISTRIBUTION for s in splits], index=items.index)
+        compared = items[ind].reset_index(drop=True)
         if baseline:
-            items = _compare(ctx, items, prompts, model, baseline, baseline_eval, round_)
-        overall, by_type = stage.pass_rates(items)
-        summary = stage.summarise(items) if baseline else {}
+            compared = _compare(ctx, compared, prompts, model, baseline, baseline_eval,
+                                round_)
+        overall, by_type = stage.pass_rates(compared)
+        summary = stage.summarise(compared) if baseline else {}
+        if (~ind).any():  # back in the file's order
+            order = {p: i for i, p in enumerate(items.prompt_id)}
+            items = pd.concat([compared, items[~ind]], ignore_index=True)
+            items = items.iloc[items.prompt_id.map(order).argsort()].reset_index(drop=True)
+        else:
+            items = compared
+        report = stage.split_report(items, [split_of[p] for p in items.prompt_id])
         items["model_version"] = model
         row = {"model_version": model, "baseline_version": baseline, "n_prompts": len(items),
                "pass_rate": overall, "pass_by_type": json.dumps(by_type), **summary}
         items = items.reindex(columns=stage.ITEM_COLUMNS)
-        return {"evals": pd.DataFrame([row]), "eval_items": items}, {}
+        return {"evals": pd.DataFrame([row]), "eval_items": items}, {"splits": report}
 
     return _stage(ctx, "eval", round_, params, parents, compute, code=stage.CODE_VERSION)
 

@@ -5,8 +5,11 @@ Each non-blank line looks like::
     {"prompt": "Explain X. Answer in at most 20 words.", "gold": "...",
      "constraints": [{"type": "max_words", "n": 20}], "category": "science", "id": "seed-001"}
 
-Only ``prompt`` is required. Every problem in the file is collected and
-reported together in one :class:`~flywheel.errors.FlywheelError`.
+Only ``prompt`` is required. An eval file may mark a line ``"split": "transfer"``: a
+held-out prompt whose topic and instruction phrasings (the transfer phrasings of
+flywheel.constraints) never appear in training; lines without a split are
+``in_distribution``. Every problem in the file is collected and reported together in one
+:class:`~flywheel.errors.FlywheelError`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ from typing import Any
 from flywheel.constraints import validate_constraints
 from flywheel.errors import FlywheelError
 
-ALLOWED_KEYS = ("prompt", "gold", "constraints", "category", "id")
+ALLOWED_KEYS = ("prompt", "gold", "constraints", "category", "id", "split")
+#: the eval splits a line may name; a line without one is in-distribution
+IN_DISTRIBUTION, TRANSFER = "in_distribution", "transfer"
+SPLITS = (IN_DISTRIBUTION, TRANSFER)
 OPTIONAL_STRINGS = ("gold", "category", "id")
 MAX_SHOWN = 20
 EXAMPLE = '{"prompt": "..."}'
@@ -75,6 +81,11 @@ def _check_fields(obj: dict, where: str) -> list[str]:
             errors.append(f"{where}: {key}: expected str, got {_type_name(value)}")
         elif isinstance(value, str) and not value.strip():
             errors.append(f"{where}: {key} is empty — leave the key out instead")
+    split = obj.get("split")
+    if split is not None and split not in SPLITS:
+        got = repr(split) if isinstance(split, str) else f"{json.dumps(split)} (not a string)"
+        errors.append(f"{where}: split: unknown split {got} — use one of: "
+                      f"{', '.join(SPLITS)} (or leave the key out: {IN_DISTRIBUTION})")
     if obj.get("constraints") is not None:
         errors += validate_constraints(obj["constraints"], where)
     return errors
@@ -83,7 +94,7 @@ def _check_fields(obj: dict, where: str) -> list[str]:
 def _normalise(obj: dict, line: int) -> dict:
     """The canonical form of a valid prompt object."""
     gold = obj.get("gold")
-    return {
+    record = {
         "prompt": obj["prompt"].strip(),
         "gold": gold.strip() if gold is not None else None,
         "constraints": list(obj.get("constraints") or []),
@@ -91,6 +102,9 @@ def _normalise(obj: dict, line: int) -> dict:
         "id": obj.get("id"),
         "line": line,
     }
+    if obj.get("split") is not None:
+        record["split"] = obj["split"]
+    return record
 
 
 def _duplicate_ids(records: list[dict], path: Path) -> list[str]:
@@ -126,7 +140,8 @@ def load_prompt_file(path: str | Path, *, require_nonempty: bool = True) -> list
 
     Returns one dict per non-blank line with keys ``prompt``, ``gold`` (None if
     absent), ``constraints`` ([] if absent), ``category`` (None), ``id`` (None)
-    and ``line`` (1-based). Raises :class:`FlywheelError` listing every problem.
+    and ``line`` (1-based), and ``split`` where the line has one. Raises
+    :class:`FlywheelError` listing every problem.
     """
     path = Path(path)
     records: list[dict] = []

@@ -318,7 +318,8 @@ def test_config_reference_covers_every_field() -> None:
     assert keys == _leaf_keys(Config())
     assert len(keys) == len(set(keys))
     for key, type_name, default, help_text in reference:
-        assert type_name in {"str", "int", "float", "bool", "list[str]", "dict"}, key
+        assert type_name in {"str", "int", "float", "bool", "list[str]", "list[float]",
+                             "dict"}, key
         assert default, key
         assert help_text.strip(), f"{key} has no help text"
     rows = {row[0]: row for row in reference}

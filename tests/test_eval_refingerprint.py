@@ -41,7 +41,7 @@ def _age(path) -> None:
                 continue
             params = json.loads(params)
             params.pop("judge_settings", None)
-            kept = {k: v for k, v in params.items() if k != "promoted"}
+            kept = {k: v for k, v in params.items() if k not in ("promoted", "splits")}
             fps[vid] = fingerprint(kind, kept, [fps[p] for p in parents], "0.1.0+1")
             con.execute("UPDATE versions SET params = ?, fingerprint = ? WHERE version_id = ?",
                         [json.dumps(params, sort_keys=True), fps[vid], vid])

@@ -36,8 +36,9 @@ JUDGE_DEFAULTS: dict[str, Any] = {"verdict": "text", "samples": 3, "temperature"
                                   "max_new_tokens": 160, "pairwise_template": "pairwise.j2"}
 #: the code version of the eval and gate stages (as of this migration)
 CODE = "0.1.0+1"
-#: params a stage stores beside those it fingerprints (the gate's decision)
-EXTRA = {"gate": ("promoted",)}
+#: params a stage stores beside those it fingerprints (the gate's decision; the eval's report
+#: of its splits, which evals of the previous release do not have)
+EXTRA = {"gate": ("promoted",), "eval": ("splits",)}
 
 
 def changes(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, str]]:

@@ -4,6 +4,12 @@ Per prompt: the prompt's verifiers decide first (a higher constraint pass fracti
 they tie, the LLM judge compares the two answers in both orders, and only agreement counts.
 Win rate counts ties as half, with a 95% Wilson interval. Constraint pass rates are reported
 per constraint type.
+
+The eval file has two splits (flywheel.promptfile): in-distribution prompts, written like the
+training prompts, and transfer prompts, whose topics and instruction phrasings never appear in
+training. Each is reported on its own (`split_report`: pass rate and mean answer length, per
+constraint type); the comparison with the baseline, and so the win rate and the promotion gate,
+use the in-distribution split only: the transfer split measures, it never decides.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import pandas as pd
 
 from flywheel.backends import Backend
 from flywheel.constraints import pass_fraction, verify
+from flywheel.promptfile import SPLITS
 from flywheel.stages.sampling import conversation
 from flywheel.tables import columns
 
@@ -48,6 +55,36 @@ def pass_rates(items: pd.DataFrame) -> tuple[float | None, dict[str, float]]:
     total = [x for v in per_type.values() for x in v]
     overall = sum(total) / len(total) if total else None
     return overall, {k: sum(v) / len(v) for k, v in sorted(per_type.items())}
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def split_report(items: pd.DataFrame, splits: list[str]) -> dict[str, dict]:
+    """Per split (`splits[i]` is the split of `items.iloc[i]`), every split named even when it
+    has no prompts: `prompts`, `pass_rate` (share of constraints passed), `mean_chars` (mean
+    answer length in characters) and `by_type`: per constraint type, `prompts` carrying it,
+    `checks`, `pass_rate` and `mean_chars` of the answers to those prompts."""
+    out: dict[str, dict] = {}
+    for split in SPLITS:
+        rows = [(text, json.loads(checks)) for (text, checks), s in
+                zip(zip(items.text, items.checks), splits) if s == split]
+        passed = [bool(c["passed"]) for _, checks in rows for c in checks]
+        by_type: dict[str, dict] = {}
+        for i, (text, checks) in enumerate(rows):
+            for c in checks:
+                t = by_type.setdefault(c["type"], {"passed": [], "chars": {}})
+                t["passed"].append(bool(c["passed"]))
+                t["chars"][i] = len(text)  # one length per prompt
+        out[split] = {
+            "prompts": len(rows), "pass_rate": _mean(passed),
+            "mean_chars": _mean([len(text) for text, _ in rows]),
+            "by_type": {k: {"prompts": len(v["chars"]), "checks": len(v["passed"]),
+                            "pass_rate": _mean(v["passed"]),
+                            "mean_chars": _mean(list(v["chars"].values()))}
+                        for k, v in sorted(by_type.items())}}
+    return out
 
 
 def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:

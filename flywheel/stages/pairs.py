@@ -1,8 +1,10 @@
-"""Pairs: best vs worst per prompt with a minimum margin; SPIN pairs (gold chosen, own answer
-rejected). Pure functions over DataFrames of samples and judgments."""
+"""Pairs: best vs worst per prompt with a minimum margin (or several per prompt, across the
+verifier split, with `pairs.per_prompt`); SPIN pairs (gold chosen, own answer rejected). Pure
+functions over DataFrames of samples and judgments."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import pandas as pd
@@ -114,35 +116,104 @@ def decide(best: Standing, worst: Standing, judgments: pd.DataFrame, cfg: PairsC
     return ("llm+pairwise" if pw_ids and agreed else "llm"), margin, ids + pw_ids
 
 
+def _several(group: list[Standing], judgments: pd.DataFrame, cfg: PairsConfig,
+             text: dict[str, str], mode: str) -> list[tuple[Standing, Standing, tuple]]:
+    """Up to `cfg.per_prompt` (chosen, rejected, decision) of one prompt's candidates: every
+    pair of a higher- and a lower-ranked candidate that `decide` and the length cap keep,
+    verifier-decided ones first, by margin, then in the judge's order (chosen highest, rejected
+    lowest first), so the first is best vs worst whenever that pair is kept. Pairs with the
+    same texts as one taken, or with identical texts, are skipped; a sample keeps the role of
+    its first pair (never chosen in one pair and rejected in another). In hybrid mode, where
+    the pairwise judge compares best and worst only, another LLM-decided pair is not kept when
+    agreement is required."""
+    rankable = [s for s in group if s.verifier is not None or s.llm is not None]
+    ranked = sorted(rankable, key=lambda s: (_key(s), s.sample_id), reverse=True)
+    options = []
+    for i, chosen in enumerate(ranked):
+        for j in range(i + 1, len(ranked)):
+            rejected = ranked[j]
+            decision = decide(chosen, rejected, judgments, cfg)
+            if decision is None or _too_long(text[chosen.sample_id],
+                                              text[rejected.sample_id], cfg):
+                continue
+            rule, margin, ids = decision
+            if mode == "hybrid" and cfg.require_agreement and rule == "llm" \
+                    and (i, j) != (0, len(ranked) - 1):
+                continue  # the judge was never asked to confirm it in both orders
+            options.append(((rule != "verifier", -margin, i, -j), chosen, rejected, decision))
+    out: list[tuple[Standing, Standing, tuple]] = []
+    roles: dict[str, str] = {}
+    texts: set[tuple[str, str]] = set()
+    for _, chosen, rejected, decision in sorted(options, key=lambda o: o[0]):
+        if len(out) >= cfg.per_prompt:
+            break
+        pair_text = (text[chosen.sample_id].strip(), text[rejected.sample_id].strip())
+        if pair_text[0] == pair_text[1] or pair_text in texts \
+                or roles.get(chosen.sample_id, "chosen") != "chosen" \
+                or roles.get(rejected.sample_id, "rejected") != "rejected":
+            continue
+        texts.add(pair_text)
+        roles[chosen.sample_id], roles[rejected.sample_id] = "chosen", "rejected"
+        out.append((chosen, rejected, decision))
+    return out
+
+
+def _too_long(chosen: str, rejected: str, cfg: PairsConfig) -> bool:
+    """Whether the chosen text is over `cfg.max_length_ratio` times the rejected one."""
+    return bool(cfg.max_length_ratio) and len(chosen) > cfg.max_length_ratio * max(
+        1, len(rejected))
+
+
 def build_pairs(samples: pd.DataFrame, judgments: pd.DataFrame, cfg: PairsConfig, salt: str,
                 mode: str = "hybrid") -> pd.DataFrame:
-    """Best-vs-worst preference pairs, one per prompt at most; `mode` is the judge mode
-    (judge.mode) that made the judgments."""
+    """Preference pairs: best vs worst, one per prompt at most, or with `cfg.per_prompt` > 1
+    up to that many per prompt (see `_several`); `mode` is the judge mode (judge.mode) that
+    made the judgments."""
     text = dict(zip(samples.sample_id, samples.text))
     rows = []
+    several = cfg.per_prompt > 1
+    of_prompt = dict(tuple(judgments.groupby("prompt_id"))) if several else {}
     for pid, group in sorted(standings(samples, judgments, mode).items()):
-        bw = best_and_worst(group)
-        if bw is None:
-            continue
-        best, worst = bw
-        decision = decide(best, worst, judgments, cfg)
-        if decision is None:
-            continue
-        rule, margin, ids = decision
-        if cfg.max_length_ratio and len(text[best.sample_id]) > cfg.max_length_ratio * max(
-                1, len(text[worst.sample_id])):
-            continue
-        by_verifier = rule == "verifier"
-        rows.append({
-            "pair_id": "pr_" + stable_id(salt, best.sample_id, worst.sample_id),
-            "prompt_id": pid, "chosen_id": best.sample_id, "rejected_id": worst.sample_id,
-            "chosen_text": text[best.sample_id], "rejected_text": text[worst.sample_id],
-            "chosen_score": best.verifier if by_verifier else best.llm,
-            "rejected_score": worst.verifier if by_verifier else worst.llm,
-            "margin": margin, "rule": rule,
-            "min_margin": cfg.min_verifier_margin if by_verifier else cfg.min_margin,
-            "judgment_ids": ids})
+        if several:
+            picks = _several(group, of_prompt.get(pid, judgments.iloc[:0]), cfg, text, mode)
+        else:
+            picks = []
+            bw = best_and_worst(group)
+            decision = decide(*bw, judgments, cfg) if bw is not None else None
+            if decision is not None and not _too_long(text[bw[0].sample_id],
+                                                      text[bw[1].sample_id], cfg):
+                picks = [(*bw, decision)]
+        for best, worst, (rule, margin, ids) in picks:
+            by_verifier = rule == "verifier"
+            rows.append({
+                "pair_id": "pr_" + stable_id(salt, best.sample_id, worst.sample_id),
+                "prompt_id": pid, "chosen_id": best.sample_id, "rejected_id": worst.sample_id,
+                "chosen_text": text[best.sample_id], "rejected_text": text[worst.sample_id],
+                "chosen_score": best.verifier if by_verifier else best.llm,
+                "rejected_score": worst.verifier if by_verifier else worst.llm,
+                "margin": margin, "rule": rule,
+                "min_margin": cfg.min_verifier_margin if by_verifier else cfg.min_margin,
+                "judgment_ids": ids})
     return pd.DataFrame(rows, columns=PAIR_COLUMNS)
+
+
+def pairs_by_type(prompts: pd.DataFrame, samples: pd.DataFrame, pairs: pd.DataFrame
+                  ) -> dict[str, dict[str, int]]:
+    """Per constraint type (`(none)` for prompts without constraints): the sampled prompts
+    that have it, those that ended with at least one pair, and their pairs (a prompt with two
+    types counts for both)."""
+    cons = {r.prompt_id: r.constraints for r in prompts.itertuples()}
+    per_prompt = pairs.prompt_id.value_counts().to_dict()
+    out: dict[str, dict[str, int]] = {}
+    for pid in sorted(set(samples[~samples.greedy.astype(bool)].prompt_id)):
+        c = cons.get(pid)
+        c = json.loads(c) if isinstance(c, str) else list(c or [])
+        for t in sorted({x["type"] for x in c}) or ["(none)"]:
+            row = out.setdefault(t, {"prompts": 0, "with_pair": 0, "pairs": 0})
+            row["prompts"] += 1
+            row["with_pair"] += pid in per_prompt
+            row["pairs"] += per_prompt.get(pid, 0)
+    return dict(sorted(out.items()))
 
 
 def spin_pairs(prompts: pd.DataFrame, samples: pd.DataFrame, salt: str) -> pd.DataFrame:

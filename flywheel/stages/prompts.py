@@ -1,5 +1,6 @@
 """Prompts: seed rows, and self-instruct generation with filtering, near-duplicate removal,
-provenance and constraints drawn from the constraint library."""
+provenance and constraints drawn from the constraint library (their instructions written in
+the library's training phrasings only: the transfer phrasings are held out for the eval)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from flywheel.config import PromptsConfig
-from flywheel.constraints import describe_constraints, sample_constraints
+from flywheel.constraints import phrase_constraints, sample_constraints, strip_instructions
 from flywheel.hashing import normalise_text, prompt_id
 from flywheel.parsing import is_refusal, parse_task
+from flywheel.promptfile import IN_DISTRIBUTION
 from flywheel.tables import columns
 from flywheel.templates import render
 
@@ -38,6 +40,17 @@ def seed_rows(records: list[dict], source_file: str) -> pd.DataFrame:
                      "category": r.get("category"), "source": "seed",
                      "source_ref": f"{source_file}:{r['line']}", "examples": [], "raw": None})
     return pd.DataFrame(rows, columns=PROMPT_COLUMNS)
+
+
+def eval_rows(records: list[dict], source_file: str) -> pd.DataFrame:
+    """Rows of a loaded eval file, as `seed_rows`, with the `split` of each prompt
+    (in_distribution or transfer: see flywheel.promptfile)."""
+    rows = seed_rows(records, source_file)
+    split: dict[str, str] = {}
+    for r in records:
+        split.setdefault(prompt_id(r["prompt"]), r.get("split") or IN_DISTRIBUTION)
+    rows["split"] = [split[p] for p in rows.prompt_id]
+    return rows
 
 
 def ngrams(text: str, n: int = 3) -> set[str]:
@@ -69,12 +82,9 @@ class NearDuplicateIndex:
 
 
 def task_text(text: str, constraints: list[dict]) -> str:
-    """A pool prompt without its constraint sentences, to serve as a few-shot example."""
-    if constraints:
-        suffix = describe_constraints(constraints)
-        if text.endswith(suffix):
-            return text[: -len(suffix)].strip()
-    return text
+    """A pool prompt without its constraint sentences (in any of their phrasings, training or
+    transfer), to serve as a few-shot example and to be compared with new tasks."""
+    return strip_instructions(text, constraints) if constraints else text
 
 
 def task_texts(prompts: pd.DataFrame) -> list[str]:
@@ -109,6 +119,23 @@ def self_instruct_requests(pool: pd.DataFrame, cfg: PromptsConfig, rng: random.R
     return requests
 
 
+def constrained_prompt(task: str, cfg: PromptsConfig, rng: random.Random
+                       ) -> tuple[str, list[dict]]:
+    """A new prompt from an accepted task: with probability `cfg.constraint_prob`, 1 to
+    `cfg.max_constraints` constraints from the library, their instructions appended in the
+    first training phrasing of each type (`prompts.phrasings: one`) or in one drawn with `rng`
+    from the training phrasings (`varied`). Transfer phrasings are never used."""
+    constraints: list[dict] = []
+    if cfg.constraint_prob > 0 and rng.random() < cfg.constraint_prob:
+        k = rng.randint(1, cfg.max_constraints)
+        constraints = sample_constraints(rng, k, cfg.constraint_types or None)
+    if not constraints:
+        return task, []
+    varied = cfg.phrasings == "varied"
+    instructions = phrase_constraints(constraints, rng if varied else None, split="training")
+    return (task + " " + instructions).strip(), constraints
+
+
 def accept_tasks(raw_outputs: list[str], example_ids: list[list[str]], pool_texts: list[str],
                  blocked_texts: list[str], cfg, rng: random.Random,
                  source_ref: str, fits: Callable[[str], bool] | None = None
@@ -135,11 +162,7 @@ def accept_tasks(raw_outputs: list[str], example_ids: list[list[str]], pool_text
         if reason:
             stats[reason] += 1
             continue
-        constraints = []
-        if cfg.constraint_prob > 0 and rng.random() < cfg.constraint_prob:
-            k = rng.randint(1, cfg.max_constraints)
-            constraints = sample_constraints(rng, k, cfg.constraint_types or None)
-        text = (task + " " + describe_constraints(constraints)).strip() if constraints else task
+        text, constraints = constrained_prompt(task, cfg, rng)
         if fits is not None and not fits(text):
             stats["over_max_prompt_tokens"] += 1
             continue

@@ -4,7 +4,10 @@ Reads top to bottom: validate -> load -> dataset -> trainer -> train -> merge ->
 reference model is the round's starting model (the base with the adapter disabled), so SPIN is
 the sigmoid DPO loss on (gold, own answer) pairs against the previous round's model; with
 `train.reference: base` it is the round-0 model, loaded beside the policy. Checkpoints every
-`train.checkpoint_steps` let a killed training resume.
+`train.checkpoint_steps` let a killed training resume. `train.loss_weights` weigh the
+`train.loss_type` losses ([sigmoid, sft] with [1.0, 0.2]: DPO plus NLL on the chosen answer);
+`train.sft_epochs` runs a supervised step on the round's verified passes first, in the same
+adapter, which DPO then continues against the model after it (see `_sft_step`).
 
 Precision and place follow `models.dtype` and `models.device` (see `training_placement`): the
 policy (and a separate reference) is loaded in the dtype, bfloat16 and float16 train with TRL's
@@ -213,6 +216,7 @@ def _dpo_kwargs(cfg: TrainConfig, work: Path, n_pairs: int, seed: int,
         learning_rate=cfg.learning_rate, beta=cfg.beta,
         warmup_steps=int(cfg.warmup_ratio * steps_per_epoch * cfg.epochs),
         loss_type=list(cfg.loss_type), max_length=cfg.max_length,
+        **({"loss_weights": list(cfg.loss_weights)} if cfg.loss_weights else {}),
         bf16=place.dtype == "bfloat16", fp16=place.dtype == "float16",
         gradient_checkpointing=cfg.gradient_checkpointing, use_cpu=place.device == "cpu",
         report_to="none",
@@ -223,6 +227,87 @@ def _dpo_kwargs(cfg: TrainConfig, work: Path, n_pairs: int, seed: int,
         # non-reentrant checkpointing: the reentrant kind loses the LoRA weights' gradients
         **({"gradient_checkpointing_kwargs": {"use_reentrant": False}}
            if cfg.gradient_checkpointing else {}))
+
+
+#: The pair rules (flywheel.stages.pairs) under which the verifiers ranked the chosen answer.
+VERIFIED_RULES = ("verifier",)
+#: The subfolder of `<out>.work` the SFT step trains in (no checkpoints: redone on resume).
+SFT_DIR = "sft"
+
+
+def verified_passes(pairs: pd.DataFrame) -> pd.DataFrame:
+    """The SFT step's examples (prompt_id, text): the chosen answers of the pairs the verifiers
+    decided (`VERIFIED_RULES`) that pass every constraint of their prompt (chosen_score 1.0),
+    each (prompt, answer) once, in a stable order."""
+    if pairs.empty or "rule" not in pairs:
+        return pd.DataFrame(columns=["prompt_id", "text"])
+    score = pd.to_numeric(pairs["chosen_score"], errors="coerce")
+    kept = pairs[pairs["rule"].isin(VERIFIED_RULES) & (score >= 1.0)]
+    out = kept[["prompt_id", "chosen_text"]].rename(columns={"chosen_text": "text"})
+    return out.drop_duplicates().sort_values(["prompt_id", "text"]).reset_index(drop=True)
+
+
+def sft_dataset(examples: pd.DataFrame, prompt_text: dict[str, str]):
+    """A TRL conversational prompt-completion dataset (the loss is on the answer only)."""
+    from datasets import Dataset
+
+    return Dataset.from_list([
+        {"prompt": [{"role": "user", "content": prompt_text[e.prompt_id]}],
+         "completion": [{"role": "assistant", "content": e.text}]}
+        for e in examples.itertuples()
+    ])
+
+
+def _sft_kwargs(cfg: TrainConfig, work: Path, n_examples: int, seed: int,
+                place: Placement) -> dict:
+    """The SFTConfig arguments: DPO's settings, `train.sft_epochs` epochs, no checkpoints."""
+    steps_per_epoch = math.ceil(n_examples / (cfg.batch_size * cfg.grad_accum
+                                              * cfg.num_processes))
+    return dict(
+        output_dir=str(work / SFT_DIR), per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.sft_epochs,
+        learning_rate=cfg.learning_rate,
+        warmup_steps=int(cfg.warmup_ratio * steps_per_epoch * cfg.sft_epochs),
+        max_length=cfg.max_length, bf16=place.dtype == "bfloat16",
+        fp16=place.dtype == "float16", gradient_checkpointing=cfg.gradient_checkpointing,
+        use_cpu=place.device == "cpu", report_to="none", save_strategy="no",
+        logging_steps=1, seed=seed, disable_tqdm=True, dataloader_num_workers=0,
+        lr_scheduler_type="constant" if steps_per_epoch * cfg.sft_epochs < 10 else "linear",
+        **({"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+           if cfg.gradient_checkpointing else {}))
+
+
+def _sft_step(model, tok, pairs: pd.DataFrame, prompt_text: dict[str, str], cfg: TrainConfig,
+              work: Path, *, seed: int, place: Placement, peft_config, progress: bool, log,
+              distributed: bool = False):
+    """Rejection-sampling SFT before DPO: train `peft_config`'s LoRA adapter on the verified
+    passes for `cfg.sft_epochs` epochs; return (the model, now a PEFT model with that adapter,
+    or `model` unchanged when there is nothing to learn from, and the sft_* metrics). DPO then
+    continues the same adapter; TRL keeps a frozen copy of it as the reference, so DPO's
+    reference is the model after SFT (or the model at `train.reference: base`). `distributed`:
+    one process of several (DDP), as in `_train`."""
+    examples = verified_passes(pairs)
+    if examples.empty:
+        log("train.sft_epochs: no pair's chosen answer passed every constraint of its "
+            "prompt: no SFT step this round, DPO only")
+        return model, {"sft_examples": 0, "sft_steps": 0, "sft_loss": None}
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(**_sft_kwargs(cfg, work, len(examples), seed, place))
+    if not distributed:
+        _pin_device(args, place)
+    sft = SFTTrainer(model=model, args=args, processing_class=tok,
+                     train_dataset=sft_dataset(examples, prompt_text), peft_config=peft_config)
+    sft.remove_callback(PrinterCallback)
+    sft.add_callback(_progress_callback(progress))
+    sft.add_callback(_stop_callback())
+    sft.train()
+    m = _metrics(sft.state.log_history)
+    shutil.rmtree(work / SFT_DIR, ignore_errors=True)
+    return sft.model, {"sft_examples": len(examples), "sft_steps": m["steps"],
+                       "sft_loss": m["train_loss"], "sft_first_loss": m["first_loss"],
+                       "sft_last_loss": m["last_loss"]}
 
 
 def _pin_device(args, place: Placement) -> None:
@@ -287,6 +372,10 @@ def train_lora(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
     launch` (see flywheel.stages.train_worker); the metrics then also name `num_processes`."""
     if pairs.empty:
         raise FlywheelError("no pairs to train on")
+    bad = cfg.problems()
+    if bad:
+        raise FlywheelError("invalid training settings:",
+                            details=[f"{key}: {message}" for key, message in bad])
     place = training_placement(device, dtype)
     out = Path(out_dir)
     work = out.with_name(out.name + ".work")
@@ -302,7 +391,7 @@ def train_lora(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
                                seed=seed, place=place, ref_path=ref_path, log=log)
     try:
         return _train(base_path, pairs, prompt_text, cfg, out, resume=resume, seed=seed,
-                      place=place, progress=progress, ref_path=ref_path)
+                      place=place, progress=progress, ref_path=ref_path, log=log)
     except Exception as exc:
         if is_out_of_memory(exc):
             raise out_of_memory_error(str(exc), cfg, place.dtype, place.device) from None
@@ -311,13 +400,18 @@ def train_lora(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
 
 def _train(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
            cfg: TrainConfig, out: Path, *, resume: Path | None, seed: int, place: Placement,
-           progress: bool, ref_path: str | None, distributed: bool = False) -> dict | None:
+           progress: bool, ref_path: str | None, distributed: bool = False,
+           log=print) -> dict | None:
     """Train, merge and save (`train_lora` without its checks). `distributed`: one process of
     several under `accelerate launch` (each on the GPU of its local rank, or the CPU): all
     train; the main process merges, saves and returns the metrics, the others return None
-    once training has ended everywhere; `<out>.work` is left to the launching process."""
+    once training has ended everywhere; `<out>.work` is left to the launching process.
+
+    With `train.sft_epochs` the SFT step (`_sft_step`) runs first (in every process, with
+    DDP); it keeps no checkpoints, so a resumed training redoes it (same seed, same adapter)
+    before the DPO checkpoint's weights are loaded over it."""
     import torch
-    from peft import LoraConfig
+    from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
@@ -338,9 +432,16 @@ def _train(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
                                  target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM")
         ref_model = (AutoModelForCausalLM.from_pretrained(ref_path, dtype=weights)
                      if ref_path else None)
+        sft_metrics: dict = {}
+        if cfg.sft_epochs > 0:
+            model, sft_metrics = _sft_step(model, tok, pairs, prompt_text, cfg, work, seed=seed,
+                                           place=place, peft_config=peft_config,
+                                           progress=progress, log=log,
+                                           distributed=distributed)
+        tuned = isinstance(model, PeftModel)  # after SFT: DPO continues its adapter
         trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, processing_class=tok,
                              train_dataset=preference_dataset(pairs, prompt_text),
-                             peft_config=peft_config)
+                             peft_config=None if tuned else peft_config)
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # no log dicts on stdout: the bar shows loss
@@ -352,7 +453,8 @@ def _train(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
 
             announce(trainer)
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        metrics = _metrics(trainer.state.log_history, resumed=resume is not None)
+        metrics = {**_metrics(trainer.state.log_history, resumed=resume is not None),
+                   **sft_metrics}
         if distributed:
             from flywheel.stages.train_worker import gather_policy
 
@@ -363,6 +465,8 @@ def _train(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
         shutil.rmtree(tmp, ignore_errors=True)
         from flywheel.adapters import save_adapter
 
+        if "ref" in getattr(trainer.model, "peft_config", {}):  # TRL's frozen copy after SFT
+            trainer.model.delete_adapter("ref")
         save_adapter(trainer.model, tmp, start=base_path)  # <model>/adapter/, with its lineage
         merged = trainer.model.merge_and_unload()  # the adapter folded into `dtype` weights
         merged.save_pretrained(tmp)

@@ -37,6 +37,7 @@ import pandas as pd
 
 from flywheel.config import TrainConfig
 from flywheel.errors import FlywheelError
+from flywheel.stages.train import CODE_VERSION  # noqa: F401  the train stage's code, run apart
 
 LAUNCH_DIR = "launch"
 LOG_NAME = "train.log"
@@ -99,7 +100,10 @@ def write_spec(folder: Path, base_path: str, pairs: pd.DataFrame, prompt_text: d
                dtype: str, ref_path: str | None) -> Path:
     """Write what the training processes need into `folder`; the spec file's path."""
     folder.mkdir(parents=True, exist_ok=True)
-    rows = pairs[["prompt_id", "chosen_text", "rejected_text"]].reset_index(drop=True)
+    # the rule and the chosen answer's score pick the SFT step's examples (train.sft_epochs)
+    columns = ["prompt_id", "chosen_text", "rejected_text",
+               *[c for c in ("rule", "chosen_score") if c in pairs]]
+    rows = pairs[columns].reset_index(drop=True)
     rows.to_parquet(folder / "pairs.parquet", index=False)
     used = {p: prompt_text[p] for p in rows.prompt_id.unique()}
     (folder / "prompts.json").write_text(json.dumps(used))

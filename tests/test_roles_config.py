@@ -81,10 +81,11 @@ def test_a_key_in_place_of_a_variable_name_is_refused_without_echoing_it():
 
 
 def test_backends_come_from_a_registry_and_verdict_probabilities_are_a_capability():
-    assert set(BACKENDS) == {"transformers", "openai"} and REMOTE_BACKENDS == {"openai"}
+    assert set(BACKENDS) == {"transformers", "openai", "vllm"}
+    assert REMOTE_BACKENDS == {"openai"}  # vllm's server is flywheel's own: not retried
     with pytest.raises(FlywheelError) as exc:
         get_backend("tgi")
-    assert str(exc.value) == "unknown backend 'tgi'\n  - backends: transformers, openai"
+    assert str(exc.value) == "unknown backend 'tgi'\n  - backends: transformers, openai, vllm"
     from flywheel.backends.openai import Endpoint, OpenAIBackend
 
     served = get_backend("openai", endpoint=Endpoint(role="judge", base_url="http://h/v1",

@@ -479,6 +479,10 @@ def cmd_ingest(args) -> int:
                else cfg.catalog_path())
     _check_catalog(catalog, args.create)
     records = load_ingest_file(path)  # validates everything before anything is written
+    from flywheel.promptfile import refuse_transfer
+
+    refuse_transfer(path, records, "a file to ingest into the prompt pool",
+                    "row" if INGEST_TYPES.get(path.suffix.lower()) == "parquet" else "line")
     _check_lengths(records, path, cfg)
     held_out = _held_out(args.eval_file, cfg)
     cat = Catalog(catalog)
@@ -650,6 +654,8 @@ def _check_row(row: dict, where: str) -> tuple[dict, list[str]]:
         else:
             errors += validate_constraints(constraints, where)
     rec["constraints"] = constraints if isinstance(constraints, list) else []
+    if _cell(row.get("split")) is not None:  # an eval file's split: refused by ingest
+        rec["split"] = _cell(row.get("split"))
     return rec, errors
 
 

@@ -166,6 +166,25 @@ def load_prompt_file(path: str | Path, *, require_nonempty: bool = True) -> list
     return records
 
 
+def refuse_transfer(path: str | Path, records: list[dict], what: str = "a training prompt file",
+                    unit: str = "line") -> None:
+    """Raise when ``records`` (loaded from ``path``) hold lines marked ``"split": "transfer"``:
+    prompts that train the model (the seed file, `flywheel ingest`) must not, since the transfer
+    split is the held-out check of phrasings and topics never trained on."""
+    bad = [r for r in records if r.get("split") == TRANSFER]
+    if not bad:
+        return
+    shown = [f"{path} {unit} {r['line']}: \"split\": \"transfer\"" for r in bad[:MAX_SHOWN]]
+    if len(bad) > MAX_SHOWN:
+        shown.append(f"and {len(bad) - MAX_SHOWN} more")
+    noun = "line is" if len(bad) == 1 else "lines are"
+    raise FlywheelError(
+        f"{path} is {what}, but {len(bad)} {noun} marked \"split\": \"transfer\": the transfer "
+        "split is held out from training (its phrasings and topics must never be trained on)",
+        details=[*shown, "move those lines to the eval file (eval.prompts_file), or drop their "
+                 "\"split\" key if they are meant for training; nothing was written"])
+
+
 def length_problems(path: str | Path, records: list[dict], max_tokens: int,
                     tokenizer: str | Path | None) -> list[str]:
     """One problem per prompt of a loaded file over ``max_tokens`` tokens (file and line

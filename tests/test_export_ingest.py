@@ -169,6 +169,10 @@ def _files(tmp):
     (tmp / "bad.jsonl").write_text('{"prompt": "What is rain?"}\n{"prompt": "broken",\n')
     (tmp / "badrow.csv").write_text('prompt,category\n"ok",x\n,y\n')
     (tmp / "notes.txt").write_text("a file\n")
+    (tmp / "held.jsonl").write_text(json.dumps({"prompt": NEW[0]}) + "\n" + json.dumps(
+        {"prompt": NEW[1], "split": "transfer"}) + "\n")
+    pd.DataFrame({"prompt": NEW[:3], "split": [None, "transfer", "transfer"]}).to_csv(
+        tmp / "held.csv", index=False)
 
 
 INGEST_REFUSALS = [
@@ -213,6 +217,12 @@ INGEST_REFUSALS = [
      ["bad.jsonl line 2: not valid JSON", "each line must be one JSON object"]),
     ("CSV row without a prompt", ["--workspace", "{ws}"], "badrow.csv", False,
      ["badrow.csv line 3: prompt is empty", "remove the row"]),
+    ("a transfer-split line (JSONL)", ["--workspace", "{ws}"], "held.jsonl", False,
+     ["held.jsonl is a file to ingest into the prompt pool, but 1 line is marked \"split\": "
+      "\"transfer\"", "held.jsonl line 2: \"split\": \"transfer\"",
+      "move those lines to the eval file"]),
+    ("transfer-split rows (CSV)", ["--workspace", "{ws}"], "held.csv", False,
+     ["2 lines are marked \"split\": \"transfer\"", "held.csv line 3:", "held.csv line 4:"]),
     ("file not found", ["--workspace", "{ws}"], "gone.csv", False,
      ["prompt file not found: {tmp}/gone.csv", "check the path"]),
 ]

@@ -12,6 +12,8 @@ never inside a commit.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -71,9 +73,11 @@ def round_flow(cfg: Config, run_id: str, state: pipeline.RoundState) -> dict:
         setattr(state, stage.output, stage_task(stage, cfg)(cfg, run_id, stage.name, state))
     res = pipeline.finish_round(ctx, pipeline.RoundResult.of(state, new=ctx.made > made))
     rows = report.summary_rows(ctx.catalog, last_eval=res.eval)
+    link = f"\n\nReport: [{res.report}]({Path(res.report).resolve().as_uri()})\n" \
+        if res.report else ""
     create_markdown_artifact(key=f"flywheel-round-{res.round}",
                              markdown=f"# flywheel round {res.round}\n\n"
-                                      + report.markdown(rows),
+                                      + report.markdown(rows) + link,
                              description=f"round {res.round} summary")
     return vars(res)
 

@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
                         epilog="example:\n  flywheel versions --kind pairs",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     ve.add_argument("--kind", type=_kind, help="only this kind (prompts, samples, judgments, "
-                                               "pairs, model, eval, gate)")
+                                               "canary, pairs, model, eval, gate)")
     ve.add_argument("--round", type=_round, help="only this round (0 = the base model's)")
     _catalog_arg(ve)
     _output_args(ve)
@@ -116,10 +116,11 @@ def _parser() -> argparse.ArgumentParser:
         cli_inspect,
         cli_migrate,
         cli_status,
+        htmlreport,
     )
 
     for module in (cli_inspect, cli_data, cli_deploy, cli_status, cli_check, cli_migrate,
-                   cli_cache):
+                   cli_cache, htmlreport):
         COMMANDS.update(module.register(sub))
     return p
 
@@ -540,6 +541,7 @@ KEY_PARAMS = {
     "prompts": ("num_new", "few_shot", "records", "seed_file"),
     "samples": ("n", "temperature", "top_p", "max_new_tokens"),
     "judgments": ("mode", "verdict", "judge"),
+    "canary": ("judge", "accuracy"),
     "pairs": ("method", "min_margin", "rules"),
     "model": ("method", "beta", "lora_r", "learning_rate", "epochs", "path"),
     "eval": ("judge", "max_prompts"),

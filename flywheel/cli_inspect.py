@@ -21,6 +21,8 @@ from flywheel.catalog import queries as q
 from flywheel.errors import FlywheelError
 
 FORMATS = ("table", "json", "nl", "csv")
+#: chosen ids of pairs whose chosen answer is not a sample: SPIN's gold answer, a repaired one
+NOT_SAMPLES = ("gold:", "repair:")
 
 #: The stable row id of each kind that `flywheel diff` compares by.
 ROW_IDS = {"prompts": "prompt_id", "samples": "sample_id", "judgments": "judgment_id",
@@ -375,7 +377,7 @@ def _row_lineage(con, rid: str, depth: int | None = EXAMPLE_DEPTH) -> tuple[dict
     for _, pr in pairs.iterrows():
         if found == "pair":
             sample_ids += [x for x in (pr["chosen_id"], pr["rejected_id"])
-                           if not x.startswith("gold:")]
+                           if not x.startswith(NOT_SAMPLES)]
             judgment_ids += list(pr["judgment_ids"])
     sample_ids = list(dict.fromkeys(sample_ids))
 
@@ -394,12 +396,13 @@ def _row_lineage(con, rid: str, depth: int | None = EXAMPLE_DEPTH) -> tuple[dict
             role.setdefault(pr["chosen_id"], "chosen")
             role.setdefault(pr["rejected_id"], "rejected")
         samples["role"] = samples["sample_id"].map(lambda s: role.get(s, ""))
-        gold = [pr for _, pr in pairs.iterrows() if pr["chosen_id"].startswith("gold:")]
+        gold = [pr for _, pr in pairs.iterrows() if pr["chosen_id"].startswith(NOT_SAMPLES)]
         if gold:
             import pandas as pd
 
             extra = pd.DataFrame([{"sample_id": g["chosen_id"], "role": "chosen",
-                                   "prompt_id": g["prompt_id"], "model_version": "gold",
+                                   "prompt_id": g["prompt_id"],
+                                   "model_version": g["chosen_id"].split(":", 1)[0],
                                    "text": g["chosen_text"]} for g in gold])
             samples = pd.concat([extra, samples], ignore_index=True, sort=False)
         order = {"chosen": 0, "rejected": 1, "": 2}

@@ -504,6 +504,12 @@ class JudgeConfig:
                        "current directory, then among the templates shipped with "
                        "flywheel.", fp=SHAPES)
     )
+    canary_file: str = field(
+        default="data/canary.jsonl",
+        metadata=_meta("JSONL canary set judged every round in both orders by the round's "
+                       "judge (comparisons with a known right answer: judge drift in "
+                       "judge_stats); empty = none.", fp=BY_CONTENT, stage="canary"),
+    )
 
 
 @_documented
@@ -537,6 +543,15 @@ class PairsConfig:
                        "the verifier split (largest margin first, then the judge's order), "
                        "each kept by the same rules, never the same texts twice, and no "
                        "sample both chosen and rejected.", fp=ADDED),
+    )
+    repair: list[str] = field(
+        default_factory=list,
+        metadata=_meta("Constraint types whose answers may be repaired by program where a "
+                       "prompt's candidates all fail its constraints: the best candidate, "
+                       "rewritten by the types' repairs (lower-cased, closing phrase appended, "
+                       "cut to n sentences...) so that it passes every constraint, is chosen "
+                       "over itself (rule repair; flywheel.constraints.REPAIRS lists the "
+                       "types); [] = off. DPO only.", fp=ADDED),
     )
 
 
@@ -720,6 +735,24 @@ class EvalConfig:
 
 @_documented
 @dataclass
+class ReportConfig:
+    """The HTML report (`flywheel report`) written at the end of each round."""
+
+    enabled: bool = field(
+        default=True,
+        metadata=_meta("Write the HTML report (index.html and its figures; `flywheel report`) "
+                       "after each round of `flywheel iterate` and link it from the round's "
+                       "Prefect artifact.", fp=OPERATIONAL),
+    )
+    dir: str = field(
+        default="",
+        metadata=_meta("Folder of the report written after each round; empty = "
+                       "<workspace>/report.", fp=OPERATIONAL),
+    )
+
+
+@_documented
+@dataclass
 class Config:
     """The whole flywheel configuration (root of the tree)."""
 
@@ -754,11 +787,19 @@ class Config:
     eval: EvalConfig = field(
         default_factory=EvalConfig, metadata=_section("Round-over-round evaluation.")
     )
+    report: ReportConfig = field(
+        default_factory=ReportConfig, metadata=_section("The HTML report after each round.")
+    )
     progress: bool = field(default=True, metadata=_meta("Show progress bars.", fp=OPERATIONAL))
 
     def catalog_path(self) -> Path:
         """The DuckDB catalog file: ``catalog`` if set, else ``<workspace>/flywheel.duckdb``."""
         return catalog_path(self.workspace, self.catalog)
+
+    def report_dir(self) -> Path:
+        """Where the report of each round is written: ``report.dir`` if set, else
+        ``<workspace>/report``."""
+        return Path(self.report.dir) if self.report.dir else Path(self.workspace) / "report"
 
     def models_dir(self) -> Path:
         """Where round checkpoints are written: ``<workspace>/models``."""
@@ -1173,7 +1214,22 @@ def _relation_problems(cfg: Config) -> list[tuple[str, str]]:
     if not cfg.train.lora_targets:
         out.append(("train.lora_targets", "must name at least one module"))
     out += cfg.train.problems()
-    return out + _constraint_type_problems(cfg)
+    return out + _constraint_type_problems(cfg) + _repair_problems(cfg)
+
+
+def _repair_problems(cfg: Config) -> list[tuple[str, str]]:
+    """Names in ``pairs.repair`` that are not constraint types with a repair."""
+    if not cfg.pairs.repair:
+        return []
+    try:
+        from flywheel.constraints import REPAIRS
+    except ImportError:
+        return []
+    unknown = [t for t in cfg.pairs.repair if t not in REPAIRS]
+    if not unknown:
+        return []
+    return [("pairs.repair", f"no repair for {', '.join(map(repr, unknown))}; types with one: "
+                             f"{', '.join(REPAIRS)}")]
 
 
 def _constraint_type_problems(cfg: Config) -> list[tuple[str, str]]:

@@ -670,3 +670,141 @@ def sample_constraints(rng: random.Random, k: int, types: list[str] | None = Non
         f"could not find {k} mutually compatible constraints among: {', '.join(pool)}",
         details=["lower k, or allow more constraint types"],
     )
+
+
+# ---------------------------------------------------------------- repairs
+#
+# A repair rewrites an answer so that it meets one constraint, by program: the least edit that
+# makes the verifier pass (lower-case it, append the closing phrase, keep the first n
+# sentences...). `pairs.repair` uses them where a prompt's candidates all fail: the best of them,
+# repaired, is the chosen answer and the candidate itself the rejected one, so the pair differs
+# in what the constraint asks and little else. A repair returns None when no such edit exists
+# (an answer without letters cannot be lower-cased into a pass; two sentences cannot make three
+# bullets). Types without a repair (contains_keyword, min_words: the edit would have to write
+# new content) are left to exploration.
+
+
+def _cut_after(text: str, pattern: re.Pattern[str], n: int) -> str | None:
+    """``text`` up to the end of the n-th match of ``pattern`` (None when fewer)."""
+    ends = [m.end() for m in pattern.finditer(text)]
+    return text[: ends[n - 1]] if len(ends) >= n else None
+
+
+def _repair_max_words(text: str, n: int) -> str | None:
+    if count_words(text) <= n:
+        return text
+    cut = _cut_after(text, WORD_RE, n)
+    return None if cut is None or n < 1 else cut.rstrip(" ,;:-") + "."
+
+
+_SENTENCE_RE = re.compile(r"[^.!?]*?\w[^.!?]*?(?:[.!?]+(?=\s|$)|$)", re.DOTALL)
+
+
+def _sentences_kept(text: str) -> list[str]:
+    """The sentences of ``text`` with their terminators, as `split_sentences` counts them."""
+    return [m.group(0).strip() for m in _SENTENCE_RE.finditer(text) if m.group(0).strip()]
+
+
+def _repair_max_sentences(text: str, n: int) -> str | None:
+    kept = _sentences_kept(text)
+    if len(kept) <= n:
+        return text
+    return " ".join(kept[:n]) if n >= 1 else None
+
+
+_NUMBERED_RE = re.compile(r"^\s*\d+[.)]\s+")
+
+
+def _repair_bullet_count(text: str, n: int) -> str | None:
+    """n bullets: the answer's own list items (bulleted, numbered, or its lines), else its
+    sentences; the first n of them."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    for items in ([BULLET_RE.sub("", x).strip() for x in lines if BULLET_RE.match(x)],
+                  [_NUMBERED_RE.sub("", x).strip() for x in lines if _NUMBERED_RE.match(x)],
+                  [x.strip() for x in lines], _sentences_kept(text)):
+        items = [x for x in items if any(ch.isalnum() for ch in x)]
+        if n >= 1 and len(items) >= n:
+            return "\n".join(f"- {item}" for item in items[:n])
+    return None
+
+
+def _repair_json_keys(text: str, keys: list[str]) -> str | None:
+    """A JSON object of the answer: one key holds it all; several take a sentence each (the
+    last key the rest)."""
+    body = _json_body(text).strip()
+    parts = [body] if len(keys) == 1 else _sentences_kept(body)
+    if not keys or not body or len(parts) < len(keys):
+        return None
+    values = parts[: len(keys) - 1] + [" ".join(parts[len(keys) - 1:])]
+    return json.dumps(dict(zip(keys, values)), ensure_ascii=False)
+
+
+def _repair_excludes_keyword(text: str, keyword: str) -> str | None:
+    out = re.sub(r"[ \t]{2,}", " ", _keyword_re(keyword).sub("", text)).strip()
+    return out if any(ch.isalnum() for ch in out) else None
+
+
+def _repair_ends_with(text: str, phrase: str) -> str | None:
+    """The phrase after the answer's last finished sentence (an answer cut off mid-sentence
+    loses the unfinished tail)."""
+    body = text.rstrip()
+    if body.endswith(phrase):
+        return body
+    if body and body[-1] not in ".!?\"')":
+        last = max(body.rfind(". "), body.rfind("! "), body.rfind("? "))
+        if last > 0:
+            body = body[: last + 1]
+    return f"{body} {phrase}".lstrip()
+
+
+def _repair_starts_with(text: str, phrase: str) -> str | None:
+    body = text.strip()
+    return body if body.startswith(phrase) else f"{phrase} {body}".rstrip()
+
+
+def _repair_case(convert: Callable[[str], str]) -> Callable[[str], str | None]:
+    def repair(text: str) -> str | None:
+        return convert(text) if any(ch.isalpha() for ch in text) else None
+    return repair
+
+
+#: constraint type -> repair(response, **params) -> the repaired response, or None. The order
+#: is the order repairs are applied in for a prompt with several constraints: cuts first, the
+#: closing and opening phrases next, the letter case last (so a phrase is case-converted too);
+#: the result is verified against every constraint, and kept only if it passes all of them.
+REPAIRS: dict[str, Callable[..., str | None]] = {
+    "json_keys": _repair_json_keys,
+    "bullet_count": _repair_bullet_count,
+    "max_sentences": _repair_max_sentences,
+    "max_words": _repair_max_words,
+    "excludes_keyword": _repair_excludes_keyword,
+    "no_commas": lambda text: text.replace(",", ""),
+    "ends_with": _repair_ends_with,
+    "starts_with": _repair_starts_with,
+    "lowercase": _repair_case(str.lower),
+    "uppercase": _repair_case(str.upper),
+}
+
+
+def repair(response: str, constraints: list[dict], types: Sequence[str] | None = None
+           ) -> str | None:
+    """``response`` rewritten by the repairs of its constraints' types (those in ``types``;
+    None = every type with a repair) so that it passes EVERY constraint; None when a type has
+    no repair (or is not allowed), a repair finds no edit, or the result still fails one."""
+    _require_valid(constraints)
+    allowed = set(REPAIRS if types is None else types)
+    order = list(REPAIRS)
+    text = response
+    for c in sorted(constraints, key=lambda c: order.index(c["type"]) if c["type"] in order
+                    else -1):
+        if all(r.passed for r in verify(text, [c])):
+            continue
+        fix = REPAIRS.get(c["type"]) if c["type"] in allowed else None
+        if fix is None:
+            return None
+        text = fix(text, **_params(c))
+        if text is None:
+            return None
+    if text == response or not all(r.passed for r in verify(text, constraints)):
+        return None
+    return text

@@ -29,7 +29,7 @@ from flywheel.config import Config, changed, shaping
 from flywheel.errors import FlywheelError, Interrupted
 from flywheel.hashing import fingerprint
 from flywheel.modelprep import model_hash
-from flywheel.promptfile import load_prompt_file
+from flywheel.promptfile import load_prompt_file, refuse_transfer
 from flywheel.stages.train import CODE_VERSION as MODEL_CODE_VERSION
 
 
@@ -148,6 +148,8 @@ def preflight(cfg: Config) -> None:
     for path in dict.fromkeys((cfg.prompts.seed_file, cfg.eval.prompts_file)):
         try:
             files[path] = load_prompt_file(path)
+            if path == cfg.prompts.seed_file:
+                refuse_transfer(path, files[path], "the seed file (prompts.seed_file)")
         except FlywheelError as exc:
             problems.append(str(exc))
     if tokenizer_ok.get(cfg.models.policy.path):  # in tokens of the model reading the prompts
@@ -155,6 +157,13 @@ def preflight(cfg: Config) -> None:
             problems += length_problems(path, records, cfg.prompts.max_prompt_tokens,
                                         cfg.models.policy.path)
     problems += check_endpoints(cfg)
+    if cfg.judge.canary_file:
+        from flywheel.stages.canary import load_canary
+
+        try:
+            load_canary(cfg.judge.canary_file)
+        except FlywheelError as exc:
+            problems.append(str(exc).replace("\n  - ", " — "))
     if cfg.models.backend == "vllm":
         from flywheel.backends.vllm import vllm_missing
 
@@ -271,7 +280,14 @@ def seed_prompts(ctx: Context) -> str:
     path = ctx.cfg.prompts.seed_file
     params = {"seed_file": path, "sha256": file_hash(path)}
     return _stage(ctx, "prompts", 0, params, [], lambda fp: (
-        {"prompts": seed_rows(load_prompt_file(path), path)}, {}), code=CODE_VERSION)
+        {"prompts": seed_rows(_seed_records(path), path)}, {}), code=CODE_VERSION)
+
+
+def _seed_records(path: str) -> list[dict]:
+    """The seed file's records, refused when a line is marked for the transfer split."""
+    records = load_prompt_file(path)
+    refuse_transfer(path, records, "the seed file (prompts.seed_file)")
+    return records
 
 
 def base_model(ctx: Context) -> str:
@@ -435,12 +451,46 @@ def judge(ctx: Context, round_: int, samples: str, prompt_versions: list[str],
                   code=CODE_VERSION)
 
 
+def canary(ctx: Context, round_: int, judgments: str, policy: str) -> str:
+    """The canary set (`judge.canary_file`) judged in both orders by the round's judge (the
+    judgments' judge), through the judging stage's pairwise template and verdict reading: a
+    version of kind `canary` whose parent is the round's judgments. Its fingerprint holds the
+    judge's identity, the canary file's content and the judge settings a pairwise verdict
+    depends on, so a rerun reuses it and the judgments' own fingerprint is unchanged. "" (no
+    version) when `judge.canary_file` is empty."""
+    from flywheel.stages.canary import CODE_VERSION, judge_canary, load_canary
+    from flywheel.templates import template_hash
+
+    cfg = ctx.cfg
+    path = cfg.judge.canary_file
+    if not path:
+        return ""
+    judge_backend, jd = _judge(ctx, policy)
+    j = cfg.judge
+    params = {"round": round_, "seed": cfg.seed, "canary_sha256": file_hash(path),
+              "verdict": j.verdict, "max_new_tokens": j.max_new_tokens,
+              "pairwise_template": template_hash(j.pairwise_template), **_judge_params(cfg),
+              "judge": jd.version, "judge_hash": jd.content_hash}
+    if j.verdict == "text":
+        params["parser"] = 2
+
+    def compute(fp):
+        rows = judge_canary(judge_backend, jd, load_canary(path), j, round_=round_,
+                            seed=cfg.seed * 1000 + round_, salt=fp)
+        unsent = rows.rationale.fillna("").str.startswith("input is ") & ~rows.parsed
+        _log_over_context(ctx, round_, "canary", list(rows.rationale[unsent]))
+        return {"canary_judgments": rows}, {
+            "accuracy": float(rows.correct.mean()) if len(rows) else None}
+
+    return _stage(ctx, "canary", round_, params, [judgments], compute, code=CODE_VERSION)
+
+
 def build_pairs(ctx: Context, round_: int, judgments: str, samples: str,
                 prompt_versions: list[str]) -> str:
     """Preference pairs (DPO: best vs worst, or up to `pairs.per_prompt` per prompt; SPIN:
     gold vs own answer). The version's params count the pairs by rule (`rules`) and, per
     constraint type, the prompts that ended with a pair (`by_type`)."""
-    from flywheel.stages.pairs import CODE_VERSION, pairs_by_type, spin_pairs
+    from flywheel.stages.pairs import CODE_VERSION, pairs_by_type, repair_pairs, spin_pairs
     from flywheel.stages.pairs import build_pairs as best_worst
 
     cfg = ctx.cfg
@@ -449,6 +499,7 @@ def build_pairs(ctx: Context, round_: int, judgments: str, samples: str,
     params = {"round": round_, **shaping(cfg.pairs), "method": cfg.train.method}
     if spin:  # SPIN makes one pair per gold answer
         params.pop("per_prompt", None)
+        params.pop("repair", None)
 
     def compute(fp):
         s = ctx.catalog.rows("samples", samples)
@@ -456,8 +507,12 @@ def build_pairs(ctx: Context, round_: int, judgments: str, samples: str,
         if spin:
             rows = spin_pairs(prompts, s, fp)
         else:
-            rows = best_worst(s, ctx.catalog.rows("judgments", judgments), cfg.pairs, fp,
-                              mode=cfg.judge.mode)
+            judged = ctx.catalog.rows("judgments", judgments)
+            rows = best_worst(s, judged, cfg.pairs, fp, mode=cfg.judge.mode)
+            if cfg.pairs.repair:
+                fixed = repair_pairs(prompts, s, judged, cfg.pairs.repair, fp,
+                                     mode=cfg.judge.mode)
+                rows = pd.concat([rows, fixed], ignore_index=True) if len(fixed) else rows
         return {"pairs": rows}, {"rules": rows.rule.value_counts().to_dict(),
                                  "by_type": pairs_by_type(prompts, s, rows)}
 
@@ -476,7 +531,7 @@ def train(ctx: Context, round_: int, pairs: str, prompt_versions: list[str], pol
     `train.data_mix: current+previous`), against the round's starting model or, with
     `train.reference: base`, the round-0 model; the merged checkpoint becomes a model version.
     """
-    from flywheel.stages.train import train_lora
+    from flywheel.stages.train import STEP_COLUMNS, STEPS_KEY, train_lora
 
     cfg = ctx.cfg
     t = cfg.train
@@ -511,11 +566,13 @@ def train(ctx: Context, round_: int, pairs: str, prompt_versions: list[str], pol
         if metrics.get("sft_steps"):
             ctx.log(f"round {round_} · train     SFT step on {metrics['sft_examples']} verified "
                     f"passes: {metrics['sft_steps']} steps, loss {metrics['sft_loss']:.3f}")
+        # every logged step, as rows of train_steps committed with the model version
+        steps = pd.DataFrame(metrics.pop(STEPS_KEY, []), columns=STEP_COLUMNS)
         row = {"path": str(out), "content_hash": model_hash(out, cfg.hash_cache_path()),
                "base_version": policy,
                "method": t.method, "train_pairs": len(pair_rows),
                "metrics": json.dumps(metrics)}
-        return {"models": pd.DataFrame([row])}, recorded
+        return {"models": pd.DataFrame([row]), "train_steps": steps}, recorded
 
     extra_parents = mixed[1:] + ([reference] if reference != policy else [])
     return _stage(ctx, "model", round_, params,
@@ -689,6 +746,7 @@ class RoundState:
     prompts: str = ""
     samples: str = ""
     judgments: str = ""
+    canary: str = ""  # "" when judge.canary_file is empty
     pairs: str = ""
     model: str = ""
     eval: str = ""
@@ -733,6 +791,9 @@ ROUND: tuple[Stage, ...] = (
     Stage("judgments", "judgments", "judgments", ("samples", "prompt_versions", "policy"),
           lambda ctx, s: judge(ctx, s.round, s.samples, s.prompt_versions, s.policy),
           ("judge", "models"), calls_model=True, roles=("judge", "policy")),
+    Stage("canary", "canary", "canary", ("judgments", "policy"),
+          lambda ctx, s: canary(ctx, s.round, s.judgments, s.policy),
+          ("judge", "models"), calls_model=True, roles=("judge", "policy")),
     Stage("pairs", "pairs", "pairs", ("judgments", "samples", "prompt_versions"),
           lambda ctx, s: build_pairs(ctx, s.round, s.judgments, s.samples, s.prompt_versions),
           ("pairs", "judge.mode", "train.method")),
@@ -766,6 +827,7 @@ class RoundResult:
     promoted: bool = True
     policy: str = ""  # the model the next round starts from
     new: bool = True  # whether any of the round's versions was computed by this run
+    report: str = ""  # the HTML report written after the round (report.enabled), or ""
 
     @classmethod
     def of(cls, state: RoundState, new: bool) -> RoundResult:
@@ -933,7 +995,26 @@ def finish_round(ctx: Context, res: RoundResult) -> RoundResult:
     ctx.catalog.event(ctx.run_id, "round", round=res.round, stage="gate", version_id=res.gate,
                       detail={"promoted": res.promoted, "policy": res.policy,
                               "reason": row.reason, "new": res.new})
+    res.report = write_report(ctx, res.round)
     return res
+
+
+def write_report(ctx: Context, round_: int) -> str:
+    """The HTML report of the catalog so far (`flywheel report`), written to
+    `report.dir` after each round when `report.enabled`: its path, logged; "" when off. A
+    report that cannot be written is logged and the run goes on (the round is committed)."""
+    if not ctx.cfg.report.enabled:
+        return ""
+    from flywheel import htmlreport
+
+    try:
+        path = htmlreport.write_report(ctx.cfg.catalog_path(), ctx.cfg.report_dir())
+    except Exception as exc:  # a figure that fails must not fail a run whose round is kept
+        ctx.log(f"round {round_} · report    not written: {type(exc).__name__}: {exc} "
+                "(`flywheel report` writes it again)")
+        return ""
+    ctx.log(f"round {round_} · report    {path}")
+    return str(path)
 
 
 def ingested_prompts(ctx: Context) -> list[str]:

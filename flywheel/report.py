@@ -28,10 +28,16 @@ COLUMNS = [
     ("base_pass_rate", "round 0 pass", "{:.1%}"),
     ("transfer_pass_rate", "transfer pass", "{:.1%}"),
     ("base_transfer_pass_rate", "round 0 transfer", "{:.1%}"),
+    ("beyond_length_pass_rate", "pass w/o length types", "{:.1%}"),
+    ("base_beyond_length_pass_rate", "round 0 w/o length", "{:.1%}"),
     ("answer_chars", "answer chars", "{:.0f}"),
     ("transfer_answer_chars", "transfer chars", "{:.0f}"),
     ("gate", "gate", "{}"),
 ]
+
+#: the constraint types that bound an answer's length: shortening an answer passes (or fails)
+#: them, so the length-controlled pass rate (`beyond_length`) leaves them out
+LENGTH_TYPES = ("max_words", "max_sentences", "min_words")
 
 #: the eval splits, as the eval versions' `splits` name them, and their short labels
 IN_DISTRIBUTION, TRANSFER = "in_distribution", "transfer"
@@ -123,13 +129,28 @@ def pairs_by_type(catalog: Catalog) -> dict[str, dict | None]:
     return out
 
 
+def beyond_length(by_type: dict | None) -> float | None:
+    """The length-controlled pass rate: the share of constraint checks passed among the types
+    that do not bound an answer's length (all but `LENGTH_TYPES`), from a split's `by_type` —
+    what a round taught other than brevity. None without checks of such types."""
+    if not by_type:
+        return None
+    checks = {t: v["checks"] for t, v in by_type.items() if t not in LENGTH_TYPES}
+    total = sum(checks.values())
+    if not total:
+        return None
+    return sum(by_type[t]["pass_rate"] * n for t, n in checks.items()) / total
+
+
 def split_columns(splits: dict | None, base: dict | None) -> dict:
     """The summary's split columns of one eval: transfer pass rate (and round 0's), mean
     answer lengths of both splits, and the splits themselves (per type, for `by_type_rows`)."""
     def get(report: dict | None, split: str, key: str):
         return ((report or {}).get(split) or {}).get(key)
 
-    return {"transfer_pass_rate": get(splits, TRANSFER, "pass_rate"),
+    return {"beyond_length_pass_rate": beyond_length(get(splits, IN_DISTRIBUTION, "by_type")),
+            "base_beyond_length_pass_rate": beyond_length(get(base, IN_DISTRIBUTION, "by_type")),
+            "transfer_pass_rate": get(splits, TRANSFER, "pass_rate"),
             "base_transfer_pass_rate": get(base, TRANSFER, "pass_rate"),
             "answer_chars": get(splits, IN_DISTRIBUTION, "mean_chars"),
             "transfer_answer_chars": get(splits, TRANSFER, "mean_chars"),

@@ -152,6 +152,28 @@ TABLES: dict[str, list[tuple[str, str, str]]] = {
         ("verdict_ba", "VARCHAR", "LLM judge, baseline shown first"),
         ("outcome", "VARCHAR", "win | loss | tie (new vs baseline)"),
     ],
+    "train_steps": [
+        ("version_id", "VARCHAR NOT NULL", "the model version trained"),
+        ("phase", "VARCHAR NOT NULL", "sft | dpo"),
+        ("step", "INTEGER NOT NULL", "the trainer's global step"),
+        ("epoch", "DOUBLE", ""),
+        ("loss", "DOUBLE", ""),
+        ("reward_accuracy", "DOUBLE", "dpo: rewards/accuracies; NULL for sft"),
+        ("reward_margin", "DOUBLE", "dpo: rewards/margins; NULL for sft"),
+        ("learning_rate", "DOUBLE", ""),
+    ],
+    "canary_judgments": [
+        ("version_id", "VARCHAR NOT NULL", "the canary version (parent: the judgments)"),
+        ("round", "INTEGER NOT NULL", ""),
+        ("judge", "VARCHAR NOT NULL", "as judgments.judge"),
+        ("canary_id", "VARCHAR NOT NULL", "the item's id in judge.canary_file"),
+        ("kind", "VARCHAR NOT NULL", "verifier | broken"),
+        ("order_ab", "BOOLEAN NOT NULL", "true: the good answer shown first (as A)"),
+        ("winner", "VARCHAR", "good | bad; NULL for a tie or an unparsed verdict"),
+        ("parsed", "BOOLEAN NOT NULL", ""),
+        ("correct", "BOOLEAN NOT NULL", "winner = 'good'"),
+        ("rationale", "VARCHAR", ""),
+    ],
 }
 
 

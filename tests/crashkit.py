@@ -34,13 +34,15 @@ TINY = ("--set", "judge.verdict=logprobs", "--set", "pairs.min_margin=0",
 
 #: The kinds each round holds once it is complete.
 ROUND_ZERO = {"prompts", "model", "eval"}
-ROUND_KINDS = {"prompts", "samples", "judgments", "pairs", "model", "eval", "gate"}
+ROUND_KINDS = {"prompts", "samples", "judgments", "canary", "pairs", "model", "eval", "gate"}
 
 #: Per table: the columns that identify a row (unique within the table).
 ROW_KEYS = {"prompts": ("version_id", "prompt_id"), "samples": ("sample_id",),
             "judgments": ("judgment_id",), "pairs": ("pair_id",), "models": ("version_id",),
             "evals": ("version_id",), "gates": ("version_id",),
-            "eval_items": ("version_id", "prompt_id")}
+            "eval_items": ("version_id", "prompt_id"),
+            "train_steps": ("version_id", "phase", "step"),
+            "canary_judgments": ("version_id", "canary_id", "order_ab")}
 
 
 def iterate_args(model: Path, ws: Path, *extra: str, rounds: int = 1,

@@ -41,6 +41,21 @@ def test_malformed_seed_line_names_file_and_line(workspace, tmp_path):
     assert _catalog_state(workspace) == before
 
 
+def test_a_seed_file_with_transfer_lines_is_refused(workspace, tmp_path):
+    """The transfer split is held out from training: a seed file may not carry its lines."""
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text('{"prompt": "What is rain?"}\n'
+                     '{"prompt": "Name a fish. Reply in lowercase.", "split": "transfer"}\n')
+    before = _catalog_state(workspace)
+    proc = _iterate(workspace, "--set", f"prompts.seed_file={seeds}")
+    assert proc.returncode == 2, proc.stderr
+    assert (f"{seeds} is the seed file (prompts.seed_file), but 1 line is marked "
+            '"split": "transfer"') in proc.stderr
+    assert f'{seeds} line 2: "split": "transfer"' in proc.stderr
+    assert "move those lines to the eval file" in proc.stderr
+    assert _catalog_state(workspace) == before
+
+
 def test_empty_seed_file_is_refused(workspace, tmp_path):
     seeds = tmp_path / "empty.jsonl"
     seeds.write_text("\n")
@@ -90,7 +105,7 @@ def test_help_and_sql_do_not_import_heavy_libraries(workspace):
         "    except SystemExit: pass\n"
         f"    main(['sql', 'SELECT count(*) AS n FROM versions', '--catalog', "
         f"r'{workspace / 'flywheel.duckdb'}'])\n"
-        "heavy = [m for m in ('torch', 'transformers', 'prefect', 'trl', 'peft') "
+        "heavy = [m for m in ('torch', 'transformers', 'prefect', 'trl', 'peft', 'matplotlib') "
         "if m in sys.modules]\n"
         "print(heavy)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

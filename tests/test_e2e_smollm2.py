@@ -32,7 +32,8 @@ def test_smollm2_round_writes_every_kind_and_trains(smol_round):
     ws, proc = smol_round
     con = duckdb.connect(str(ws / "flywheel.duckdb"), read_only=True)
     kinds = {k for (k,) in con.execute("SELECT kind FROM versions WHERE round = 1").fetchall()}
-    assert kinds == {"prompts", "samples", "judgments", "pairs", "model", "eval", "gate"}
+    assert kinds == {"prompts", "samples", "judgments", "canary", "pairs", "model", "eval",
+                     "gate"}
     texts = con.execute("SELECT text, finish_reason, completion_tokens FROM samples").fetchall()
     assert len(texts) == 8 * 4
     assert sum(1 for t, _, _ in texts if t.strip()) >= 28  # the real model answers

@@ -23,7 +23,7 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
-ROUND_KINDS = {"prompts", "samples", "judgments", "pairs", "model", "eval", "gate"}
+ROUND_KINDS = {"prompts", "samples", "judgments", "canary", "pairs", "model", "eval", "gate"}
 
 
 def sh(*cmd: str | Path, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:

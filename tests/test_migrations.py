@@ -26,12 +26,15 @@ from tests.conftest import ROOT, catalog_state, prompt_rows, run_cli
 
 FIXTURE = ROOT / "tests" / "fixtures" / "catalog_e58b77c"
 NAMES = ["0001_base", "0002_run_events_and_gates", "0003_lookup_indexes",
-         "0004_judgments_prompt_index", "0005_eval_fingerprint_names_its_judge"]
+         "0004_judgments_prompt_index", "0005_eval_fingerprint_names_its_judge",
+         "0006_train_steps_and_canary"]
 #: the one migration that changes stored values (the fixture's evals compare with a judge of
 #: non-default settings): the params and fingerprint of those evals and of the gates after them
 REFP = "0005_eval_fingerprint_names_its_judge"
 OLD_TABLES = {"versions", "runs", "run_events", "gates", "prompts", "samples", "judgments",
               "pairs", "models", "evals", "eval_items"}
+#: the tables 0006_train_steps_and_canary adds (empty in a migrated catalog)
+NEW_TABLES = {"train_steps", "canary_judgments"}
 
 
 # -- catalogs ---------------------------------------------------------------------------------
@@ -168,10 +171,12 @@ def test_the_fixture_is_a_catalog_of_e58b77c_with_the_tables_of_this_release(e58
     counts = {t: n for t, (n, _) in digest(e58b77c).items()}
     assert counts["versions"] == 17 and counts["runs"] == 1 and counts["gates"] == 2
     assert counts["pairs"] == 8 and counts["judgments"] == 48
-    # this release creates the same tables: columns, order, types, constraints
+    # this release creates the same tables (and those of later migrations): columns, order,
+    # types, constraints
     new = new_schema(tmp_path)
-    assert d["tables"] == new["tables"]
-    assert d["constraints"] == new["constraints"]
+    assert set(new["tables"]) == OLD_TABLES | NEW_TABLES
+    assert d["tables"] == {t: c for t, c in new["tables"].items() if t in OLD_TABLES}
+    assert d["constraints"] == [c for c in new["constraints"] if c[0] in OLD_TABLES]
 
 
 def test_migrations_are_named_and_numbered_in_order():
@@ -230,8 +235,9 @@ def test_ingest_migrates_the_old_catalog(old, tmp_path):
     assert "added 1 prompts" in proc.stdout
     assert [r[0] for r in recorded(old)] == NAMES
     after = digest(old)
-    assert {t: d for t, d in after.items() if t not in ("versions", "prompts")} == \
-        {t: d for t, d in before.items() if t not in ("versions", "prompts")}
+    assert {t: after[t][0] for t in NEW_TABLES} == dict.fromkeys(NEW_TABLES, 0)  # new, empty
+    assert {t: d for t, d in after.items() if t not in ("versions", "prompts", *NEW_TABLES)} \
+        == {t: d for t, d in before.items() if t not in ("versions", "prompts")}
     with duckdb.connect(str(old), read_only=True) as con:  # 0005 is in
         assert not refingerprint.changes(con)
     assert after["versions"][0] == before["versions"][0] + 1
@@ -242,13 +248,16 @@ def test_migrate_keeps_every_row_and_gives_the_schema_of_a_new_catalog(old, tmp_
     before, changed = rows(old), refingerprinted(old)
     code, out, err = cli(capsys, "migrate", "--catalog", str(old))
     assert code == 0, err
-    assert f"migrated {old}: 1 applied, 4 recorded" in out
+    assert f"migrated {old}: 2 applied, 4 recorded" in out
     for name in NAMES[:4]:
         assert re.search(rf"{name} +recorded \(the file had it\)", out), name
-    assert re.search(rf"{REFP} +applied", out)
-    assert not any(assert_kept(before, rows(old), changed).values())
+    for name in (REFP, NAMES[5]):
+        assert re.search(rf"{name} +applied", out), name
+    after = rows(old)
+    assert not any(after.pop(t) for t in NEW_TABLES)  # new, empty
+    assert not any(assert_kept(before, after, changed).values())
     d = describe(old)
-    assert set(d["tables"]) == OLD_TABLES | {"migrations"}
+    assert set(d["tables"]) == OLD_TABLES | NEW_TABLES | {"migrations"}
     del d["tables"]["migrations"]
     d["constraints"] = [c for c in d["constraints"] if c[0] != "migrations"]
     assert d == new_schema(tmp_path)
@@ -258,12 +267,12 @@ def test_an_older_catalog_gets_the_tables_and_indexes_it_lacks(older, tmp_path, 
     before, changed = rows(older), refingerprinted(older)
     code, out, err = cli(capsys, "migrate", "--catalog", str(older))
     assert code == 0, err
-    assert f"migrated {older}: 4 applied, 1 recorded" in out
+    assert f"migrated {older}: 5 applied, 1 recorded" in out
     assert re.search(r"0001_base +recorded", out)
     for name in NAMES[1:]:
         assert re.search(rf"{name} +applied", out), name
     after = rows(older)
-    assert not after.pop("run_events") and not after.pop("gates")  # new, empty
+    assert not any(after.pop(t) for t in ("run_events", "gates", *NEW_TABLES))  # new, empty
     assert not any(assert_kept(before, after, changed).values())
     d = describe(older)
     del d["tables"]["migrations"]
@@ -273,12 +282,12 @@ def test_an_older_catalog_gets_the_tables_and_indexes_it_lacks(older, tmp_path, 
 
 def test_a_second_writer_applies_nothing(old, capsys, monkeypatch):
     out = Catalog(old).migrate()
-    assert out.recorded == NAMES[:4] and out.applied == [REFP]
+    assert out.recorded == NAMES[:4] and out.applied == [REFP, NAMES[5]]
     first = recorded(old)
     state = catalog_state(old)
     assert not Catalog(old).migrate().changed
     code, out, _ = cli(capsys, "migrate", "--catalog", str(old))
-    assert code == 0 and out == f"{old} is up to date (5 migrations): nothing to do\n"
+    assert code == 0 and out == f"{old} is up to date (6 migrations): nothing to do\n"
     assert recorded(old) == first
     assert catalog_state(old) == state  # not a byte changed
     # one read of the migrations table per Catalog object, whatever it writes after
@@ -369,20 +378,20 @@ def test_a_failing_migration_leaves_the_file_unchanged_and_writes_nothing(older,
         con.execute("CREATE TABLE half_done (x INTEGER)")
         con.execute("SELECT error('the disk said no')")
 
-    failing = migrations.Migration("0006_boom", "fails", boom, lambda con: False)
+    failing = migrations.Migration("0007_boom", "fails", boom, lambda con: False)
     monkeypatch.setattr(migrations, "MIGRATIONS", (*migrations.MIGRATIONS, failing))
-    monkeypatch.setattr(migrations, "NAMES", (*migrations.NAMES, "0006_boom"))
+    monkeypatch.setattr(migrations, "NAMES", (*migrations.NAMES, "0007_boom"))
     state = catalog_state(older)
     cat = Catalog(older)
     with pytest.raises(FlywheelError) as err:
         cat.commit(kind="prompts", run_id="r", round=0, parents=[], params={}, fp="b" * 20,
                    tables={"prompts": prompt_rows(["never stored"])})
     msg = str(err.value)
-    assert msg.startswith(f"cannot bring the catalog {older} up to date: 0006_boom failed: ")
+    assert msg.startswith(f"cannot bring the catalog {older} up to date: 0007_boom failed: ")
     assert "the disk said no" in msg
     assert "nothing was changed: the catalog is as it was" in msg
     assert catalog_state(older) == state
-    with pytest.raises(FlywheelError, match="0006_boom failed"):
+    with pytest.raises(FlywheelError, match="0007_boom failed"):
         cat.init()
     assert catalog_state(older) == state
 
@@ -392,10 +401,10 @@ def test_dry_run_lists_the_pending_migrations_and_changes_nothing(older, capsys)
     code, out, err = cli(capsys, "migrate", "--dry-run", "--catalog", str(older))
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0] == f"{older}: 5 pending migration(s); nothing was changed"
-    assert [ln.split()[:2] for ln in lines[1:6]] == [[NAMES[0], "record"]] + [
+    assert lines[0] == f"{older}: 6 pending migration(s); nothing was changed"
+    assert [ln.split()[:2] for ln in lines[1:7]] == [[NAMES[0], "record"]] + [
         [n, "apply"] for n in NAMES[1:]]
-    assert lines[6] == (f"run `flywheel migrate --catalog {older}` to apply them (in one "
+    assert lines[7] == (f"run `flywheel migrate --catalog {older}` to apply them (in one "
                         "transaction)")
     assert catalog_state(older) == state
 
@@ -406,12 +415,12 @@ def test_dry_run_on_the_e58b77c_catalog_records_everything(e58b77c, tmp_path, ca
     state = catalog_state(path)
     code, out, _ = cli(capsys, "migrate", "--dry-run", "--workspace", str(tmp_path))
     assert code == 0
-    assert [ln.split()[:2] for ln in out.splitlines()[1:6]] == \
-        [[n, "record"] for n in NAMES[:4]] + [[REFP, "apply"]]
+    assert [ln.split()[:2] for ln in out.splitlines()[1:7]] == \
+        [[n, "record"] for n in NAMES[:4]] + [[REFP, "apply"], [NAMES[5], "apply"]]
     assert catalog_state(path) == state
     assert Catalog(path).migrate().recorded == NAMES[:4]
     code, out, _ = cli(capsys, "migrate", "--dry-run", "--catalog", str(path))
-    assert out == f"{path} is up to date (5 migrations): nothing to do\n"
+    assert out == f"{path} is up to date (6 migrations): nothing to do\n"
 
 
 # -- a newer flywheel's catalog -------------------------------------------------------------------
@@ -494,7 +503,7 @@ def test_pending_reads_only(old):
     state = catalog_state(old)
     todo = Catalog(old).pending()
     assert [(m.name, present) for m, present in todo] == \
-        [(n, True) for n in NAMES[:4]] + [(REFP, False)]
+        [(n, True) for n in NAMES[:4]] + [(REFP, False), (NAMES[5], False)]
     assert catalog_state(old) == state
 
 

@@ -215,9 +215,21 @@ def _jaccard(a: str, b: str) -> float:
     return len(ga & gb) / len(ga | gb)
 
 
-@pytest.mark.parametrize("path", sorted(DATA.glob("*.jsonl")), ids=lambda p: p.name)
+#: shipped JSONL files that are not prompt files (checked by their own loaders and tests)
+NOT_PROMPT_FILES = {"canary.jsonl"}  # the judge's canary set: tests/test_canary.py
+
+
+@pytest.mark.parametrize("path", sorted(p for p in DATA.glob("*.jsonl")
+                                        if p.name not in NOT_PROMPT_FILES),
+                         ids=lambda p: p.name)
 def test_every_shipped_data_file_loads(path: Path) -> None:
     assert load_prompt_file(path)
+
+
+def test_the_canary_set_is_not_a_prompt_file_and_loads_with_its_own_loader() -> None:
+    from flywheel.stages.canary import load_canary
+
+    assert len(load_canary(DATA / "canary.jsonl")) == 12
 
 
 def test_shipped_counts_meet_minimums() -> None:

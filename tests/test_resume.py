@@ -139,6 +139,8 @@ ROUNDS_0_1 = [
     ("samples:commit", 1, False),
     ("judgments:compute", 1, False),
     ("judgments:commit", 1, False),
+    ("canary:compute", 1, False),
+    ("canary:commit", 1, False),
     ("pairs:commit", 1, False),
     ("model:commit", 1, False),     # trained, killed while committing the model version
     ("train:step", 1, False),       # killed after the first training checkpoint

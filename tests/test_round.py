@@ -28,16 +28,16 @@ from flywheel.config import (
 ROOT = Path(__file__).resolve().parent.parent
 STAGE_MODULES = sorted(p.stem for p in (ROOT / "flywheel" / "stages").glob("*.py")
                        if p.stem != "__init__")
-STAGE_FUNCTIONS = ("generate_prompts", "sample", "judge", "build_pairs", "train", "evaluate",
-                   "gate")
+STAGE_FUNCTIONS = ("generate_prompts", "sample", "judge", "canary", "build_pairs", "train",
+                   "evaluate", "gate")
 
 
 # -- one declaration of the round ---------------------------------------------------------------
 def test_the_round_is_one_list_of_stages():
-    assert [s.name for s in pipeline.ROUND] == ["prompts", "samples", "judgments", "pairs",
-                                                "train", "eval", "gate"]
-    assert [s.kind for s in pipeline.ROUND] == ["prompts", "samples", "judgments", "pairs",
-                                                "model", "eval", "gate"]
+    assert [s.name for s in pipeline.ROUND] == ["prompts", "samples", "judgments", "canary",
+                                                "pairs", "train", "eval", "gate"]
+    assert [s.kind for s in pipeline.ROUND] == ["prompts", "samples", "judgments", "canary",
+                                                "pairs", "model", "eval", "gate"]
     fields = {f.name for f in dataclasses.fields(pipeline.RoundState)} | {"prompt_versions"}
     made: set[str] = {"pool", "policy", "policy_eval", "base", "previous_pairs",
                       "previous_gate"}
@@ -84,7 +84,7 @@ def test_the_flow_makes_one_task_per_stage_named_after_it(monkeypatch):
     assert {flows.stage_task(st, cfg).retries for st in pipeline.ROUND} == {0}  # local model
     monkeypatch.setattr(flows, "is_remote", lambda name: True)
     retried = [st.name for st in pipeline.ROUND if flows.stage_task(st, cfg).retries]
-    assert retried == ["prompts", "samples", "judgments", "eval"]  # those that call a model
+    assert retried == ["prompts", "samples", "judgments", "canary", "eval"]  # they call a model
 
 
 # -- pure stages ----------------------------------------------------------------------------------

@@ -316,6 +316,8 @@ def test_the_eval_reports_both_splits_and_compares_only_in_distribution(tmp_path
                                  "answer_chars", "transfer_answer_chars")} == {
         "transfer_pass_rate": 0.5, "base_transfer_pass_rate": 0.0, "answer_chars": n_short,
         "transfer_answer_chars": (comet + fog) / 2}
+    # length-controlled: max_words left out, lowercase 0% -> 100% in-distribution
+    assert (cols["beyond_length_pass_rate"], cols["base_beyond_length_pass_rate"]) == (1.0, 0.0)
     headers, cells = report.by_type_cells({"round": 1, **cols})
     assert headers == ["type", "eval prompts", "held-out pass (0 → 1)", "transfer pass (0 → 1)",
                        "answer chars (0 → 1)", "transfer chars (0 → 1)"]
@@ -331,6 +333,23 @@ def test_the_eval_reports_both_splits_and_compares_only_in_distribution(tmp_path
             shown["answer chars"], shown["transfer chars"]) == (
         "100.0%", "50.0%", "0.0%", str(n_short), f"{(comet + fog) / 2:.0f}")
     assert "| lowercase | 1/1 | 0% → 100% |" in report.markdown([{"round": 1, **cols}])
+
+
+def test_the_length_controlled_pass_rate_leaves_length_types_out():
+    by_type = {"max_words": {"checks": 7, "pass_rate": 1.0},
+               "max_sentences": {"checks": 8, "pass_rate": 1.0},
+               "min_words": {"checks": 1, "pass_rate": 0.0},
+               "lowercase": {"checks": 4, "pass_rate": 0.25},
+               "ends_with": {"checks": 5, "pass_rate": 0.4},
+               "json_keys": {"checks": 3, "pass_rate": 0.0}}
+    # (1 + 2 + 0) passed of 12 checks of non-length types
+    assert report.beyond_length(by_type) == 3 / 12
+    assert report.beyond_length({"max_words": {"checks": 2, "pass_rate": 0.5}}) is None
+    assert report.beyond_length(None) is None and report.beyond_length({}) is None
+    headers, [row] = report.table_cells([{"round": 1, "beyond_length_pass_rate": 0.25,
+                                          "base_beyond_length_pass_rate": None}])
+    shown = dict(zip(headers, row))
+    assert (shown["pass w/o length types"], shown["round 0 w/o length"]) == ("25.0%", "–")
 
 
 def test_a_round_whose_eval_has_no_splits_shows_dashes():

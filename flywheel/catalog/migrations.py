@@ -56,9 +56,10 @@ MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS migrations (
     flywheel_version  VARCHAR NOT NULL
 );"""
 
-#: sha256 of `schema.VIEWS` as of the latest migration that changed a view (0001_base: the
-#: views of 0.1.0); `views_sha256()` gives the current one
-VIEWS_SHA256 = "5c5839f02c5a3ecdeced1fb79093b56f7fd6d3f0c248699a6639d833fe32ee0a"
+#: sha256 of `schema.VIEWS` as of the latest migration that changed a view
+#: (0006_train_steps_and_canary: judge_stats' canary columns); `views_sha256()` gives the
+#: current one
+VIEWS_SHA256 = "2a37154ed72eceb40d3acace522c831e6bc8dfd3f64907bf2302d34d8692acb2"
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,14 @@ def _judgments_prompt_index(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(schema.create_index("judgments_prompt_id"))
 
 
+_TRAIN_STEPS_AND_CANARY = ("train_steps", "canary_judgments")
+
+
+def _train_steps_and_canary(con: duckdb.DuckDBPyConnection) -> None:
+    for name in _TRAIN_STEPS_AND_CANARY:
+        con.execute(schema.create_table(name))
+
+
 def views_changed(con: duckdb.DuckDBPyConnection) -> None:
     """The body of a migration that only changes views: nothing, as every run of migrations
     recreates the views. Such a migration reads
@@ -141,6 +150,13 @@ MIGRATIONS: tuple[Migration, ...] = (
         and not idx & set(_OLD_JUDGMENT_INDEXES)),
     Migration(refingerprint.NAME, refingerprint.DOC, refingerprint.apply,
               refingerprint.present),
+    Migration(
+        "0006_train_steps_and_canary",
+        "tables train_steps (every logged training step of a model version) and "
+        "canary_judgments (the judge on the canary set each round); judge_stats gains "
+        "canary_accuracy and canary_flip_rate",
+        _train_steps_and_canary,
+        lambda con: set(_TRAIN_STEPS_AND_CANARY) <= _tables(con)),
 )
 
 NAMES = tuple(m.name for m in MIGRATIONS)

@@ -487,3 +487,59 @@ def earlier_eval_answers(src: Source, eval_version: str, content_hash: str) -> p
     return _frame(src, "SELECT i.* FROM eval_items i JOIN models m ON m.version_id = "
                        "i.model_version WHERE i.version_id = ? AND m.content_hash = ?",
                   [eval_version, content_hash])
+
+
+# -- the report: judge drift and training curves --------------------------------------------
+#: the columns of `canary_by_round` and `train_curves`
+CANARY_COLUMNS = ["round", "judge", "canary_accuracy", "canary_flip_rate", "items"]
+TRAIN_CURVE_COLUMNS = ["round", "version_id", "phase", "step", "epoch", "loss",
+                       "reward_accuracy", "reward_margin", "learning_rate"]
+
+
+def _empty_unless(src: Source, table: str, cols: list[str]) -> pd.DataFrame | None:
+    """An empty frame of `cols` when the catalog (made by an older flywheel, not migrated)
+    has no `table`; else None."""
+    if table in table_names(src):
+        return None
+    import pandas as pd
+
+    return pd.DataFrame(columns=cols)
+
+
+def canary_by_round(src: Source) -> pd.DataFrame:
+    """The judge on the canary set, per round and judge (round, judge, canary_accuracy,
+    canary_flip_rate, items), by round: what `judge_stats` holds as canary_accuracy and
+    canary_flip_rate, read from the small canary_judgments table alone. Accuracy counts a
+    verdict for the good answer 1, a tie 0.5, one for the bad answer or an unparsed one 0;
+    the flip rate is the share of items, of those with both orders parsed, whose two orders
+    name different winners (NULL when none has); `items` counts the canary items judged."""
+    empty = _empty_unless(src, "canary_judgments", CANARY_COLUMNS)
+    if empty is not None:
+        return empty
+    return _frame(src, """
+WITH item AS (SELECT round, judge, canary_id, count(*) FILTER (WHERE parsed) AS n_parsed,
+                     count(DISTINCT coalesce(winner, 'tie')) FILTER (WHERE parsed) > 1
+                         AS disagree,
+                     avg(CASE WHEN correct THEN 1.0 WHEN parsed AND winner IS NULL THEN 0.5
+                              ELSE 0.0 END) AS acc, count(*) AS n
+              FROM canary_judgments GROUP BY ALL)
+SELECT round, judge, sum(acc * n) / sum(n) AS canary_accuracy,
+       avg(CASE WHEN disagree THEN 1.0 ELSE 0.0 END) FILTER (WHERE n_parsed = 2)
+           AS canary_flip_rate,
+       count(*) AS items
+FROM item GROUP BY round, judge ORDER BY round, judge""")
+
+
+def train_curves(src: Source) -> pd.DataFrame:
+    """Every logged training step of every trained model version (round, version_id, phase,
+    step, epoch, loss, reward_accuracy, reward_margin, learning_rate), by round, version,
+    phase (the SFT step before DPO) and step. reward_* are NULL for SFT steps."""
+    empty = _empty_unless(src, "train_steps", TRAIN_CURVE_COLUMNS)
+    if empty is not None:
+        return empty
+    return _frame(src, """
+SELECT v.round, t.version_id, t.phase, t.step, t.epoch, t.loss, t.reward_accuracy,
+       t.reward_margin, t.learning_rate
+FROM train_steps t JOIN versions v USING (version_id)
+ORDER BY v.round, v.created_at, t.version_id, CASE t.phase WHEN 'sft' THEN 0 ELSE 1 END,
+         t.step""")

@@ -82,7 +82,8 @@ LEFT JOIN jf ON jf.eval_version = l.eval_version
 LEFT JOIN base ON base.eval_version = l.eval_version
 ORDER BY l.created_at;
 CREATE OR REPLACE VIEW judge_stats AS
--- per round and judge: parse failures, order flips, ties, score histogram, length bias
+-- per round and judge: parse failures, order flips, ties, score histogram, length bias,
+-- and the judge on the canary set (judge drift)
 WITH j AS (SELECT v.round, j.* FROM judgments j JOIN versions v USING (version_id)),
 slen AS (SELECT sample_id, any_value(length(text)) AS chars FROM samples GROUP BY sample_id),
 cmp AS (SELECT round, judge, comparison_id, count(*) AS n,
@@ -105,16 +106,37 @@ agg AS (SELECT j.round, j.judge, list(DISTINCT j.type ORDER BY j.type) AS types,
                corr(j.score, slen.chars)
                    FILTER (WHERE j.type = 'pointwise' AND j.parsed) AS score_length_corr
         FROM j LEFT JOIN slen ON slen.sample_id = j.sample_id
-        GROUP BY j.round, j.judge)
-SELECT agg.round, agg.judge, agg.types, agg.judgments, agg.parse_failure_rate,
+        GROUP BY j.round, j.judge),
+-- the canary set (known right answers, both orders): accuracy counts a correct verdict 1, a
+-- tie 0.5, a wrong or unparsed one 0; an item flips when its two orders, both parsed, name
+-- different winners (a tie counts as a winner)
+citem AS (SELECT round, judge, canary_id,
+                 count(*) FILTER (WHERE parsed) AS n_parsed,
+                 count(DISTINCT coalesce(winner, 'tie')) FILTER (WHERE parsed) > 1 AS disagree
+          FROM canary_judgments GROUP BY ALL),
+canary AS (SELECT c.round, c.judge,
+                  avg(CASE WHEN c.correct THEN 1.0 WHEN c.parsed AND c.winner IS NULL THEN 0.5
+                           ELSE 0.0 END) AS canary_accuracy,
+                  count(*) AS canary_judgments
+           FROM canary_judgments c GROUP BY c.round, c.judge),
+cflip AS (SELECT round, judge, avg(CASE WHEN disagree THEN 1.0 ELSE 0.0 END) AS flip_rate
+          FROM citem WHERE n_parsed = 2 GROUP BY ALL),
+keys AS (SELECT round, judge FROM agg UNION SELECT round, judge FROM canary)
+SELECT k.round, k.judge, agg.types, coalesce(agg.judgments, 0) AS judgments,
+       agg.parse_failure_rate,
        flips.flip_rate AS order_flip_rate, coalesce(flips.comparisons, 0) AS comparisons,
        agg.tie_rate, agg.mean_score, agg.score_histogram, agg.score_length_corr,
        plen.pairs, plen.chosen_chars AS mean_chosen_chars,
-       plen.rejected_chars AS mean_rejected_chars
-FROM agg
-LEFT JOIN flips ON flips.round = agg.round AND flips.judge = agg.judge
-LEFT JOIN plen ON plen.round = agg.round
-ORDER BY agg.round, agg.judge;
+       plen.rejected_chars AS mean_rejected_chars,
+       canary.canary_accuracy, cflip.flip_rate AS canary_flip_rate,
+       coalesce(canary.canary_judgments, 0) AS canary_judgments
+FROM keys k
+LEFT JOIN agg ON agg.round = k.round AND agg.judge = k.judge
+LEFT JOIN flips ON flips.round = k.round AND flips.judge = k.judge
+LEFT JOIN plen ON plen.round = k.round
+LEFT JOIN canary ON canary.round = k.round AND canary.judge = k.judge
+LEFT JOIN cflip ON cflip.round = k.round AND cflip.judge = k.judge
+ORDER BY k.round, k.judge;
 CREATE OR REPLACE VIEW pair_lineage AS
 -- one row per pair (per model trained on it): its prompt, both texts, the judgments of both
 -- samples and the model version trained on the pair's version.

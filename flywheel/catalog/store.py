@@ -46,13 +46,14 @@ from flywheel.tables import TABLES as _TABLE_COLUMNS
 #: rows per row group in what a writer appends (see Catalog._connect)
 ROW_GROUP_SIZE = 30_720
 
-KINDS = ("prompts", "samples", "judgments", "pairs", "model", "eval", "gate")
+KINDS = ("prompts", "samples", "judgments", "canary", "pairs", "model", "eval", "gate")
 
 #: The table that holds each kind's rows.
 TABLES = {
     "prompts": "prompts",
     "samples": "samples",
     "judgments": "judgments",
+    "canary": "canary_judgments",
     "pairs": "pairs",
     "model": "models",
     "eval": "evals",

@@ -197,6 +197,40 @@ def build_pairs(samples: pd.DataFrame, judgments: pd.DataFrame, cfg: PairsConfig
     return pd.DataFrame(rows, columns=PAIR_COLUMNS)
 
 
+def repair_pairs(prompts: pd.DataFrame, samples: pd.DataFrame, judgments: pd.DataFrame,
+                 types: list[str], salt: str, mode: str = "hybrid") -> pd.DataFrame:
+    """Pairs where the candidates all fail (`pairs.repair`): for each prompt with constraints
+    none of whose sampled answers passes every one of them, its best candidate (highest verifier
+    fraction, then LLM score, then one that ended on its own, then sample id) rewritten by the
+    constraints' repairs (`flywheel.constraints.repair`, only the `types` named) is the chosen
+    answer, the candidate itself the rejected one: rule `repair`, chosen id `repair:<sample
+    id>`, scores the verifier fractions (1.0 for the repaired answer, which passes every
+    constraint)."""
+    from flywheel.constraints import repair
+
+    text = dict(zip(samples.sample_id, samples.text))
+    cons = {r.prompt_id: r.constraints for r in prompts.itertuples()}
+    rows = []
+    for pid, group in sorted(standings(samples, judgments, mode).items()):
+        c = cons.get(pid)
+        c = json.loads(c) if isinstance(c, str) else list(c or [])
+        if not c or any(s.verifier is not None and s.verifier >= 1.0 for s in group):
+            continue
+        best = min(group, key=lambda s: (-(s.verifier or 0.0), -(s.llm or 0.0),
+                                         not s.finished, s.sample_id))
+        fixed = repair(text[best.sample_id], c, types)
+        if fixed is None:
+            continue
+        score = best.verifier if best.verifier is not None else 0.0
+        rows.append({"pair_id": "pr_" + stable_id(salt, "repair", best.sample_id),
+                     "prompt_id": pid, "chosen_id": f"repair:{best.sample_id}",
+                     "rejected_id": best.sample_id, "chosen_text": fixed,
+                     "rejected_text": text[best.sample_id], "chosen_score": 1.0,
+                     "rejected_score": score, "margin": 1.0 - score, "rule": "repair",
+                     "min_margin": None, "judgment_ids": list(best.judgment_ids)})
+    return pd.DataFrame(rows, columns=PAIR_COLUMNS)
+
+
 def pairs_by_type(prompts: pd.DataFrame, samples: pd.DataFrame, pairs: pd.DataFrame
                   ) -> dict[str, dict[str, int]]:
     """Per constraint type (`(none)` for prompts without constraints): the sampled prompts

@@ -66,6 +66,40 @@ def _metrics(history: list[dict], resumed: bool = False) -> dict:
             "losses": [h["loss"] for h in logs], **pick}
 
 
+#: the key of the metrics dict `train_lora` returns that holds every logged training step
+#: (rows of the train_steps table, see `step_rows`): the pipeline stores them as rows, not in
+#: the model's metrics
+STEPS_KEY = "train_steps"
+STEP_COLUMNS = ["phase", "step", "epoch", "loss", "reward_accuracy", "reward_margin",
+                "learning_rate"]
+
+
+def _number(value) -> float | None:
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def step_rows(history: list[dict], phase: str) -> list[dict]:
+    """One row per logged training step of the Trainer's log history (`phase` sft or dpo):
+    the columns of the train_steps table (STEP_COLUMNS). A history restored from a checkpoint
+    and continued may log a step twice: the last log of each step is kept. The rewards are
+    DPO's (TRL's rewards/accuracies and rewards/margins), None for SFT."""
+    by_step: dict[int, dict] = {}
+    for h in history:
+        if "loss" not in h or "step" not in h:
+            continue
+        dpo = phase == "dpo"
+        by_step[int(h["step"])] = {
+            "phase": phase, "step": int(h["step"]), "epoch": _number(h.get("epoch")),
+            "loss": _number(h.get("loss")),
+            "reward_accuracy": _number(h.get("rewards/accuracies")) if dpo else None,
+            "reward_margin": _number(h.get("rewards/margins")) if dpo else None,
+            "learning_rate": _number(h.get("learning_rate"))}
+    return [by_step[k] for k in sorted(by_step)]
+
+
 def _progress_callback(enabled: bool):
     """A quiet progress bar for training: steps, with the last loss as postfix."""
     from tqdm.auto import tqdm
@@ -230,7 +264,7 @@ def _dpo_kwargs(cfg: TrainConfig, work: Path, n_pairs: int, seed: int,
 
 
 #: The pair rules (flywheel.stages.pairs) under which the verifiers ranked the chosen answer.
-VERIFIED_RULES = ("verifier",)
+VERIFIED_RULES = ("verifier", "repair")
 #: The subfolder of `<out>.work` the SFT step trains in (no checkpoints: redone on resume).
 SFT_DIR = "sft"
 
@@ -290,7 +324,7 @@ def _sft_step(model, tok, pairs: pd.DataFrame, prompt_text: dict[str, str], cfg:
     if examples.empty:
         log("train.sft_epochs: no pair's chosen answer passed every constraint of its "
             "prompt: no SFT step this round, DPO only")
-        return model, {"sft_examples": 0, "sft_steps": 0, "sft_loss": None}
+        return model, {"sft_examples": 0, "sft_steps": 0, "sft_loss": None, STEPS_KEY: []}
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
@@ -307,7 +341,8 @@ def _sft_step(model, tok, pairs: pd.DataFrame, prompt_text: dict[str, str], cfg:
     shutil.rmtree(work / SFT_DIR, ignore_errors=True)
     return sft.model, {"sft_examples": len(examples), "sft_steps": m["steps"],
                        "sft_loss": m["train_loss"], "sft_first_loss": m["first_loss"],
-                       "sft_last_loss": m["last_loss"]}
+                       "sft_last_loss": m["last_loss"],
+                       STEPS_KEY: step_rows(sft.state.log_history, "sft")}
 
 
 def _pin_device(args, place: Placement) -> None:
@@ -369,7 +404,9 @@ def train_lora(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
     is run again with the same inputs (the folder name carries the model's fingerprint).
 
     `cfg.num_processes > 1` runs the same training in that many processes under `accelerate
-    launch` (see flywheel.stages.train_worker); the metrics then also name `num_processes`."""
+    launch` (see flywheel.stages.train_worker); the metrics then also name `num_processes`.
+    The metrics' `train_steps` (STEPS_KEY) lists every logged step, SFT's then DPO's
+    (`step_rows`): the pipeline stores them in the train_steps table."""
     if pairs.empty:
         raise FlywheelError("no pairs to train on")
     bad = cfg.problems()
@@ -453,8 +490,10 @@ def _train(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
 
             announce(trainer)
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        sft_steps = sft_metrics.pop(STEPS_KEY, [])
         metrics = {**_metrics(trainer.state.log_history, resumed=resume is not None),
-                   **sft_metrics}
+                   **sft_metrics,
+                   STEPS_KEY: sft_steps + step_rows(trainer.state.log_history, "dpo")}
         if distributed:
             from flywheel.stages.train_worker import gather_policy
 

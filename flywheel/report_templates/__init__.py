@@ -1,0 +1,1 @@
+"""The HTML template of `flywheel report` (package data: ships with the wheel)."""

@@ -39,7 +39,7 @@ DEFAULT_NAME = "scheduled"
 #: templates shipped with the package (flywheel.templates).
 PATH_KEYS = ("workspace", "catalog", "models.policy.path", "models.judge.path",
              "models.generator.path", "models.judge.tokenizer", "models.generator.tokenizer",
-             "prompts.seed_file", "eval.prompts_file")
+             "prompts.seed_file", "eval.prompts_file", "judge.canary_file", "report.dir")
 #: Of those, the model directories are rewritten only when they exist locally (a model name
 #: that is not a local path is left as it is).
 MODEL_KEYS = ("models.policy.path", "models.judge.path", "models.generator.path",

@@ -31,6 +31,7 @@ def _config_args(tiny_model, ws):
             "--set", f"models.policy={tiny_model}", "--set", f"workspace={ws}",
             "--set", f"prompts.seed_file={ROOT / 'data' / 'seed_prompts.jsonl'}",
             "--set", f"eval.prompts_file={ROOT / 'data' / 'eval_prompts.jsonl'}",
+            "--set", f"judge.canary_file={ROOT / 'data' / 'canary.jsonl'}",
             "--set", "judge.verdict=logprobs", "--set", "pairs.min_margin=0",
             "--set", "pairs.require_agreement=false"]
 
@@ -60,8 +61,10 @@ def test_pin_paths_from_another_directory_makes_relative_paths_absolute(tmp_path
     # templates are names inside the package's prompts/ folder, not paths
     assert pinned["judge"]["pointwise_template"] == cfg["judge"]["pointwise_template"]
     assert pinned["prompts"]["template"] == cfg["prompts"]["template"]
+    assert pinned["judge"]["canary_file"] == str(elsewhere / "data" / "canary.jsonl")
+    assert pinned["report"]["dir"] == ""  # empty: <workspace>/report, follows the workspace
     assert sorted(c.split(":")[0] for c in changes) == [
-        "models.policy.path", "prompts.seed_file", "workspace"]
+        "judge.canary_file", "models.policy.path", "prompts.seed_file", "workspace"]
     assert cfg["workspace"] == "ws"  # the input is not modified
     config_from_dict(pinned)  # still a valid config
 
@@ -76,6 +79,7 @@ def test_pin_paths_keeps_paths_that_mean_the_same_from_the_project_root(tmp_path
     pinned, changes = pin_paths(cfg, cwd=root, root=root)
     assert pinned["workspace"] == "data"
     assert pinned["prompts"]["seed_file"] == "data/seed_prompts.jsonl"
+    assert pinned["judge"]["canary_file"] == "data/canary.jsonl"
     assert pinned["models"]["policy"]["path"] == "model"
     assert pinned["catalog"] == str(Path("~/flywheel-test.duckdb").expanduser())
     assert changes == [f"catalog: ~/flywheel-test.duckdb -> {pinned['catalog']}"]

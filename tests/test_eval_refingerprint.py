@@ -75,7 +75,7 @@ def test_a_catalog_from_before_is_refingerprinted_and_continued_without_recomput
                    "--set", f"models.policy={tiny_model}", "--set", f"workspace={ws}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert " made " not in proc.stderr
-    assert proc.stderr.count(" reused ") == 3 + 2 * 7  # round 0 (3) and two rounds of 7
+    assert proc.stderr.count(" reused ") == 3 + 2 * 8  # round 0 (3) and two rounds of 8
     assert set(_versions(db)) == set(made)  # no version added
 
 

@@ -185,6 +185,7 @@ def stage_times(catalog_path: Path, run_id: str) -> list[dict]:
 STAGE_LABELS = {(0, "prompts"): "seed prompts", (0, "model"): "base model (hashed)",
                 (0, "eval"): "eval of the base model", "prompts": "prompts (self-instruct)",
                 "samples": "samples (sampling)", "judgments": "judgments (judging)",
+                "canary": "canary (judge drift)",
                 "pairs": "pairs", "model": "model (training)", "eval": "eval (new vs policy)",
                 "gate": "gate"}
 

@@ -116,7 +116,7 @@ def test_allow_cpu_runs_a_round_and_compares_sampling(tiny_model, tmp_path):
     assert out.with_suffix(".md").read_text().strip() in done.stdout
     stages = [(s["round"], s["stage"]) for s in result["round"]["stages"]]
     assert stages == [(0, "prompts"), (0, "model"), (0, "eval"), (1, "prompts"),
-                      (1, "samples"), (1, "judgments"), (1, "pairs"), (1, "model"),
+                      (1, "samples"), (1, "judgments"), (1, "canary"), (1, "pairs"), (1, "model"),
                       (1, "eval"), (1, "gate")]
     assert all(s["seconds"] >= 0 for s in result["round"]["stages"])
     by = {(s["round"], s["stage"]): s for s in result["round"]["stages"]}

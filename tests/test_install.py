@@ -80,7 +80,7 @@ def test_an_installed_flywheel_runs_a_round_outside_the_repository(installed, ti
     work = tmp_path / "elsewhere"
     (work / "data").mkdir(parents=True)
     shutil.copy2(ROOT / "configs" / "tiny.yaml", work / "tiny.yaml")
-    for name in ("seed_prompts.jsonl", "eval_prompts.jsonl"):
+    for name in ("seed_prompts.jsonl", "eval_prompts.jsonl", "canary.jsonl"):
         shutil.copy2(ROOT / "data" / name, work / "data" / name)
     assert not (work / "prompts").exists()
     proc = sh(installed / "bin" / "flywheel", "iterate", "--rounds", "1", "--no-prefect",

@@ -40,8 +40,8 @@ def test_every_kind_has_a_version_for_round_one(one_round):
             "SELECT kind, count(*) FROM versions WHERE round = 1 GROUP BY kind").fetchall())
         zero = dict(con.execute(
             "SELECT kind, count(*) FROM versions WHERE round = 0 GROUP BY kind").fetchall())
-    assert kinds == {"prompts": 1, "samples": 1, "judgments": 1, "pairs": 1, "model": 1,
-                     "eval": 1, "gate": 1}
+    assert kinds == {"prompts": 1, "samples": 1, "judgments": 1, "canary": 1, "pairs": 1,
+                     "model": 1, "eval": 1, "gate": 1}
     assert zero == {"prompts": 1, "model": 1, "eval": 1}
     assert "Flow run" in proc.stderr  # it ran through Prefect
 

@@ -169,38 +169,13 @@ def render(*, catalog: str, figures: list[Figure], summary: Table, by_type: Tabl
         seconds=f"{seconds:.1f}s")
 
 
-def summary_rows(con, evals: list[str]) -> list[dict]:
-    """`flywheel.report.summary_rows` of this lineage's evals (round 1 on), read on `con`."""
-    from flywheel import report
-    from flywheel.catalog import queries
-
-    df = queries.round_summary(con, evals)
-    gates = queries.gate_decisions(con, evals)
-    decided = {e: (bool(p), r) for e, p, r in zip(gates.eval_version, gates.promoted,
-                                                   gates.reason)}
-    splits = report.eval_splits(con) if len(df) else {}
-    paired = report.pairs_by_type(con) if len(df) else {}
-    rows = []
-    for r in df.to_dict("records"):
-        own, base = splits.get(r["eval_version"], (None, None))
-        r.update(report.split_columns(own, base))
-        r["pairs_by_type"] = paired.get(r["model_version"])
-        lo, hi = r.get("ci_low"), r.get("ci_high")
-        r["ci"] = "" if _nan(lo) else f"{lo:.0%}–{hi:.0%}"
-        promoted, reason = decided.get(r["eval_version"], (None, None))
-        r["gate"] = "" if promoted is None else ("promoted" if promoted else "rejected")
-        r["gate_reason"] = reason
-        rows.append(r)
-    return rows
-
-
 def tables(con, data: Data) -> tuple[Table, Table, Table]:
     """The round summary (and its per-type table) as `flywheel summary` prints them, and the
     gate decisions, as strings for the page."""
     from flywheel import report
 
     evals = [v for v, r in zip(data.evals.version_id, data.evals["round"]) if r >= 1]
-    rows = summary_rows(con, evals)
+    rows = report.rows_of(con, evals)
     headers, cells = report.table_cells(rows)
     summary = Table(headers, cells, "no finished round yet (no eval of round 1 or later)")
     th, tc = report.by_type_cells(rows[-1]) if rows else ([], [])

@@ -72,13 +72,19 @@ def lineage_evals(catalog: Catalog, last_eval: str | None = None) -> list[str]:
 def summary_rows(catalog: Catalog, last_eval: str | None = None) -> list[dict]:
     """round_summary rows of one lineage (see `lineage_evals`), with a formatted CI column and
     the gate's decision (promoted / rejected)."""
-    evals = lineage_evals(catalog, last_eval)
-    df = queries.round_summary(catalog, evals)
-    gates = queries.gate_decisions(catalog, evals)
+    return rows_of(catalog, lineage_evals(catalog, last_eval))
+
+
+def rows_of(src, evals: list[str]) -> list[dict]:
+    """The summary rows of these eval versions, read from `src` (a Catalog or an open
+    connection): round_summary with the splits' columns, the pairs per type, a formatted CI
+    column and the gate's decision."""
+    df = queries.round_summary(src, evals)
+    gates = queries.gate_decisions(src, evals)
     decided = {e: (bool(p), r) for e, p, r in zip(gates.eval_version, gates.promoted,
                                                    gates.reason)}
-    splits = eval_splits(catalog) if len(df) else {}
-    paired = pairs_by_type(catalog) if len(df) else {}
+    splits = eval_splits(src) if len(df) else {}
+    paired = pairs_by_type(src) if len(df) else {}
     rows = []
     for r in df.to_dict("records"):
         own, base = splits.get(r["eval_version"], (None, None))

@@ -537,6 +537,15 @@ class PairsConfig:
         metadata=_meta("Drop pairs whose chosen/rejected length ratio exceeds this; 0 = no cap.",
                        fp=SHAPES),
     )
+    min_length_ratio: float = field(
+        default=0.0,
+        metadata=_meta("Drop pairs whose chosen answer is shorter than this times the rejected "
+                       "one (in characters); where the prompt bounds length from above "
+                       "(max_words, max_sentences) and the rejected answer breaks the bound, "
+                       "times the length the bound allows (the rejected length scaled by n over "
+                       "its count). Repaired answers too. Keeps 'shorter' from being what every "
+                       "pair teaches. 0 = no floor.", fp=ADDED),
+    )
     per_prompt: int = field(
         default=1,
         metadata=_meta("DPO pairs per prompt at most: 1 = best vs worst; more adds pairs across "

@@ -490,7 +490,13 @@ def build_pairs(ctx: Context, round_: int, judgments: str, samples: str,
     """Preference pairs (DPO: best vs worst, or up to `pairs.per_prompt` per prompt; SPIN:
     gold vs own answer). The version's params count the pairs by rule (`rules`) and, per
     constraint type, the prompts that ended with a pair (`by_type`)."""
-    from flywheel.stages.pairs import CODE_VERSION, pairs_by_type, repair_pairs, spin_pairs
+    from flywheel.stages.pairs import (
+        CODE_VERSION,
+        length_bounds,
+        pairs_by_type,
+        repair_pairs,
+        spin_pairs,
+    )
     from flywheel.stages.pairs import build_pairs as best_worst
 
     cfg = ctx.cfg
@@ -508,10 +514,11 @@ def build_pairs(ctx: Context, round_: int, judgments: str, samples: str,
             rows = spin_pairs(prompts, s, fp)
         else:
             judged = ctx.catalog.rows("judgments", judgments)
-            rows = best_worst(s, judged, cfg.pairs, fp, mode=cfg.judge.mode)
+            rows = best_worst(s, judged, cfg.pairs, fp, mode=cfg.judge.mode,
+                              bounds=length_bounds(prompts))
             if cfg.pairs.repair:
                 fixed = repair_pairs(prompts, s, judged, cfg.pairs.repair, fp,
-                                     mode=cfg.judge.mode)
+                                     mode=cfg.judge.mode, cfg=cfg.pairs)
                 rows = pd.concat([rows, fixed], ignore_index=True) if len(fixed) else rows
         return {"pairs": rows}, {"rules": rows.rule.value_counts().to_dict(),
                                  "by_type": pairs_by_type(prompts, s, rows)}

@@ -11,9 +11,11 @@ from flywheel.stages.judging import JUDGMENT_COLUMNS
 from flywheel.stages.pairs import (
     PAIR_COLUMNS,
     Standing,
+    allowed_chars,
     best_and_worst,
     build_pairs,
     consistent_wins,
+    length_bounds,
     spin_pairs,
     standings,
 )
@@ -262,6 +264,64 @@ def test_length_cap_does_not_drop_shorter_chosen() -> None:
     s = samples_df(smp("s_a", "p1", "x" * 10), smp("s_b", "p1", "y" * 100))
     j = judgments_df(pt("j_a", "s_a", "p1", 5.0), pt("j_b", "s_b", "p1", 1.0))
     assert list(build_pairs(s, j, cfg(max_length_ratio=2.0), SALT).chosen_id) == ["s_a"]
+
+
+@pytest.mark.parametrize(("ratio", "kept"), [
+    (0.0, True), (0.05, True), (0.1, True), (0.11, False), (0.5, False)])
+def test_min_length_ratio_drops_much_shorter_chosen(ratio: float, kept: bool) -> None:
+    s = samples_df(smp("s_a", "p1", "x" * 10), smp("s_b", "p1", "y" * 100))
+    j = judgments_df(ver("j_a", "s_a", "p1", True), ver("j_b", "s_b", "p1", False))
+    out = build_pairs(s, j, cfg(min_length_ratio=ratio), SALT)
+    assert list(out.chosen_id) == (["s_a"] if kept else [])
+
+
+TEN_WORDS = "one two three four five six seven eight nine ten."  # 50 characters
+
+
+@pytest.mark.parametrize(("chosen", "bound", "kept"), [
+    ("one two three.", {"type": "max_words", "n": 5}, True),  # 14 >= 0.5 * 50 * 5/10
+    ("one two.", {"type": "max_words", "n": 5}, False),  # 8 < 12.5: shorter than asked
+    ("one two.", {"type": "max_words", "n": 2}, True),  # 8 >= 0.5 * 50 * 2/10
+    ("one two three.", {"type": "max_words", "n": 20}, False),  # the bound is not broken
+    ("one two three.", {"type": "max_sentences", "n": 1}, False),  # 1 sentence: not broken
+])
+def test_min_length_ratio_allows_for_an_upper_length_bound(chosen: str, bound: dict,
+                                                           kept: bool) -> None:
+    s = samples_df(smp("s_a", "p1", chosen), smp("s_b", "p1", TEN_WORDS))
+    j = judgments_df(ver("j_a", "s_a", "p1", True), ver("j_b", "s_b", "p1", False))
+    out = build_pairs(s, j, cfg(min_length_ratio=0.5), SALT, bounds={"p1": (bound,)})
+    assert list(out.chosen_id) == (["s_a"] if kept else [])
+
+
+def test_allowed_chars_scales_by_the_tightest_broken_bound() -> None:
+    text = "A b c. D e f. G h i. J k l."  # 12 words, 4 sentences, 27 characters
+    assert allowed_chars(text) == 27
+    assert allowed_chars(text, ({"type": "max_sentences", "n": 2},)) == 13.5
+    assert allowed_chars(text, ({"type": "max_sentences", "n": 2},
+                                {"type": "max_words", "n": 3})) == 27 * 3 / 12
+    assert allowed_chars(text, ({"type": "max_words", "n": 12},)) == 27
+
+
+def test_min_length_ratio_with_several_pairs_keeps_the_long_enough_pass() -> None:
+    s = samples_df(smp("s_short", "p1", "x" * 10, idx=0), smp("s_long", "p1", "z" * 80, idx=1),
+                   smp("s_fail", "p1", "y" * 100, idx=2))
+    j = judgments_df(ver("j1", "s_short", "p1", True), ver("j2", "s_long", "p1", True),
+                     ver("j3", "s_fail", "p1", False))
+    out = build_pairs(s, j, cfg(min_length_ratio=0.5, per_prompt=3), SALT)
+    assert list(zip(out.chosen_id, out.rejected_id)) == [("s_long", "s_fail")]
+    both = build_pairs(s, j, cfg(per_prompt=3), SALT)
+    assert sorted(both.chosen_id) == ["s_long", "s_short"]
+
+
+def test_length_bounds_are_a_prompts_upper_length_constraints() -> None:
+    prompts = pd.DataFrame({"prompt_id": ["p_words", "p_sent", "p_min", "p_low", "p_none"],
+                            "constraints": [
+                                '[{"type": "max_words", "n": 20}]',
+                                [{"type": "lowercase"}, {"type": "max_sentences", "n": 2}],
+                                '[{"type": "min_words", "n": 50}]', '[{"type": "lowercase"}]',
+                                None]})
+    assert length_bounds(prompts) == {"p_words": ({"type": "max_words", "n": 20},),
+                                      "p_sent": ({"type": "max_sentences", "n": 2},)}
 
 
 # ------------------------------------------------------------------ shape of the input

@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import pytest
 
-from flywheel.config import load_config, shaping
+from flywheel.config import PairsConfig, load_config, shaping
 from flywheel.constraints import REPAIRS, repair, verify
 from flywheel.errors import FlywheelError
 from flywheel.stages.pairs import repair_pairs
@@ -115,6 +115,21 @@ def test_repair_pairs_only_where_every_candidate_fails():
     # the SFT step counts repaired answers among the verified passes
     assert verified_passes(rows).to_dict("records") == [
         {"prompt_id": "p_fail", "text": "rain falls."}]
+
+
+def test_repair_pairs_follow_the_length_ratios():
+    prompts = _prompts([("p_end", [{"type": "ends_with", "phrase": "That is all I can say."}]),
+                        ("p_cut", [{"type": "max_words", "n": 3}])])
+    samples = samples_df(smp("s1", "p_end", "Hi.", idx=0),
+                         smp("s2", "p_cut", "One two three four five six seven.", idx=0))
+    judgments = judgments_df(ver("j1", "s1", "p_end", False), ver("j2", "s2", "p_cut", False))
+    every = repair_pairs(prompts, samples, judgments, list(REPAIRS), "salt")
+    assert list(every.prompt_id) == ["p_cut", "p_end"]
+    # the appended phrase makes p_end's repair 8x its answer; the cut one is shorter
+    capped = repair_pairs(prompts, samples, judgments, list(REPAIRS), "salt",
+                          cfg=PairsConfig(max_length_ratio=2.0, min_length_ratio=0.9))
+    assert list(capped.prompt_id) == ["p_cut"]  # max_words bounds length: no floor there
+    assert list(capped.chosen_text) == ["One two three."]
 
 
 def test_the_setting_is_checked_and_off_by_default(tmp_path):

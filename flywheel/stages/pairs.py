@@ -117,7 +117,8 @@ def decide(best: Standing, worst: Standing, judgments: pd.DataFrame, cfg: PairsC
 
 
 def _several(group: list[Standing], judgments: pd.DataFrame, cfg: PairsConfig,
-             text: dict[str, str], mode: str) -> list[tuple[Standing, Standing, tuple]]:
+             text: dict[str, str], mode: str, bounds: tuple = ()
+             ) -> list[tuple[Standing, Standing, tuple]]:
     """Up to `cfg.per_prompt` (chosen, rejected, decision) of one prompt's candidates: every
     pair of a higher- and a lower-ranked candidate that `decide` and the length cap keep,
     verifier-decided ones first, by margin, then in the judge's order (chosen highest, rejected
@@ -134,7 +135,7 @@ def _several(group: list[Standing], judgments: pd.DataFrame, cfg: PairsConfig,
             rejected = ranked[j]
             decision = decide(chosen, rejected, judgments, cfg)
             if decision is None or _too_long(text[chosen.sample_id],
-                                              text[rejected.sample_id], cfg):
+                                              text[rejected.sample_id], cfg, bounds):
                 continue
             rule, margin, ids = decision
             if mode == "hybrid" and cfg.require_agreement and rule == "llm" \
@@ -158,30 +159,73 @@ def _several(group: list[Standing], judgments: pd.DataFrame, cfg: PairsConfig,
     return out
 
 
-def _too_long(chosen: str, rejected: str, cfg: PairsConfig) -> bool:
-    """Whether the chosen text is over `cfg.max_length_ratio` times the rejected one."""
-    return bool(cfg.max_length_ratio) and len(chosen) > cfg.max_length_ratio * max(
-        1, len(rejected))
+def _too_long(chosen: str, rejected: str, cfg: PairsConfig, bounds: tuple = ()) -> bool:
+    """Whether the chosen text is over `cfg.max_length_ratio` times the rejected one, or under
+    `cfg.min_length_ratio` times the length the prompt asks for (`allowed_chars`: the
+    rejected text's length, or less where `bounds`, the prompt's upper-bound constraints, ask
+    for less)."""
+    if cfg.max_length_ratio and len(chosen) > cfg.max_length_ratio * max(1, len(rejected)):
+        return True
+    return bool(cfg.min_length_ratio) \
+        and len(chosen) < cfg.min_length_ratio * allowed_chars(rejected, bounds)
+
+
+#: Constraint types that bound an answer's length from above: a shorter chosen answer is what
+#: their pairs teach, down to the bound (see `allowed_chars`).
+UPPER_BOUND_TYPES = frozenset({"max_words", "max_sentences"})
+
+
+def allowed_chars(rejected: str, bounds: tuple | list = ()) -> float:
+    """The length, in characters, an answer to the rejected one's prompt may have: the rejected
+    text's, scaled down by each upper bound it breaks (at most n words or sentences, against
+    the rejected text's count)."""
+    from flywheel.constraints import count_words, split_sentences
+
+    scale = 1.0
+    for c in bounds:
+        have = count_words(rejected) if c["type"] == "max_words" else len(
+            split_sentences(rejected))
+        if have > c["n"]:
+            scale = min(scale, c["n"] / have)
+    return len(rejected) * scale
+
+
+def length_bounds(prompts: pd.DataFrame) -> dict[str, tuple[dict, ...]]:
+    """Per prompt id, its constraints of the `UPPER_BOUND_TYPES` (prompts without one left
+    out)."""
+    out = {}
+    for r in prompts.itertuples():
+        c = r.constraints
+        c = json.loads(c) if isinstance(c, str) else list(c or [])
+        bounds = tuple(x for x in c if isinstance(x, dict) and x.get("type") in UPPER_BOUND_TYPES
+                       and isinstance(x.get("n"), int))
+        if bounds:
+            out[r.prompt_id] = bounds
+    return out
 
 
 def build_pairs(samples: pd.DataFrame, judgments: pd.DataFrame, cfg: PairsConfig, salt: str,
-                mode: str = "hybrid") -> pd.DataFrame:
+                mode: str = "hybrid", bounds: dict[str, tuple] | None = None) -> pd.DataFrame:
     """Preference pairs: best vs worst, one per prompt at most, or with `cfg.per_prompt` > 1
     up to that many per prompt (see `_several`); `mode` is the judge mode (judge.mode) that
-    made the judgments."""
+    made the judgments; `bounds` the prompts' upper length bounds (`length_bounds`), which
+    `cfg.min_length_ratio` allows for."""
+    bounds = bounds or {}
     text = dict(zip(samples.sample_id, samples.text))
     rows = []
     several = cfg.per_prompt > 1
     of_prompt = dict(tuple(judgments.groupby("prompt_id"))) if several else {}
     for pid, group in sorted(standings(samples, judgments, mode).items()):
         if several:
-            picks = _several(group, of_prompt.get(pid, judgments.iloc[:0]), cfg, text, mode)
+            picks = _several(group, of_prompt.get(pid, judgments.iloc[:0]), cfg, text, mode,
+                             bounds.get(pid, ()))
         else:
             picks = []
             bw = best_and_worst(group)
             decision = decide(*bw, judgments, cfg) if bw is not None else None
             if decision is not None and not _too_long(text[bw[0].sample_id],
-                                                      text[bw[1].sample_id], cfg):
+                                                      text[bw[1].sample_id], cfg,
+                                                      bounds.get(pid, ())):
                 picks = [(*bw, decision)]
         for best, worst, (rule, margin, ids) in picks:
             by_verifier = rule == "verifier"
@@ -198,18 +242,20 @@ def build_pairs(samples: pd.DataFrame, judgments: pd.DataFrame, cfg: PairsConfig
 
 
 def repair_pairs(prompts: pd.DataFrame, samples: pd.DataFrame, judgments: pd.DataFrame,
-                 types: list[str], salt: str, mode: str = "hybrid") -> pd.DataFrame:
+                 types: list[str], salt: str, mode: str = "hybrid",
+                 cfg: PairsConfig | None = None) -> pd.DataFrame:
     """Pairs where the candidates all fail (`pairs.repair`): for each prompt with constraints
     none of whose sampled answers passes every one of them, its best candidate (highest verifier
     fraction, then LLM score, then one that ended on its own, then sample id) rewritten by the
     constraints' repairs (`flywheel.constraints.repair`, only the `types` named) is the chosen
     answer, the candidate itself the rejected one: rule `repair`, chosen id `repair:<sample
     id>`, scores the verifier fractions (1.0 for the repaired answer, which passes every
-    constraint)."""
+    constraint). With `cfg`, its length ratios apply as to other pairs."""
     from flywheel.constraints import repair
 
     text = dict(zip(samples.sample_id, samples.text))
     cons = {r.prompt_id: r.constraints for r in prompts.itertuples()}
+    bounds = length_bounds(prompts) if cfg is not None else {}
     rows = []
     for pid, group in sorted(standings(samples, judgments, mode).items()):
         c = cons.get(pid)
@@ -219,7 +265,8 @@ def repair_pairs(prompts: pd.DataFrame, samples: pd.DataFrame, judgments: pd.Dat
         best = min(group, key=lambda s: (-(s.verifier or 0.0), -(s.llm or 0.0),
                                          not s.finished, s.sample_id))
         fixed = repair(text[best.sample_id], c, types)
-        if fixed is None:
+        if fixed is None or (cfg is not None and _too_long(fixed, text[best.sample_id], cfg,
+                                                           bounds.get(pid, ()))):
             continue
         score = best.verifier if best.verifier is not None else 0.0
         rows.append({"pair_id": "pr_" + stable_id(salt, "repair", best.sample_id),

@@ -195,12 +195,18 @@ def test_operational_settings_change_no_fingerprint():
 # -- the eval's fingerprint names its judge; training's dtype ------------------------------------
 DEMO_JUDGE = {"verdict": "logprobs", "samples": 1, "max_new_tokens": 16,
               "pairwise_template": "pairwise_brief.j2"}
+# a config whose eval compares with the LLM judge (the demo's until it let verifiers decide)
+JUDGED = {"judge": {"mode": "hybrid", "llm_on": "ties", "pointwise_template": "pointwise_brief.j2",
+                    **DEMO_JUDGE}}
 
 
 def test_the_eval_names_the_judge_settings_its_comparison_uses():
+    judged = config_from_dict(JUDGED)
+    assert pipeline.eval_judge_params(judged, None) == {}  # round 0 compares nothing
+    assert pipeline.eval_judge_params(judged, "model-r0-x") == {"judge_settings": DEMO_JUDGE}
+    # the demo's eval: verifiers decide, the LLM judge is not asked (eval.judge: false)
     demo = load_config(ROOT / "configs" / "demo.yaml")
-    assert pipeline.eval_judge_params(demo, None) == {}  # round 0 compares nothing
-    assert pipeline.eval_judge_params(demo, "model-r0-x") == {"judge_settings": DEMO_JUDGE}
+    assert pipeline.eval_judge_params(demo, "model-r0-x") == {}
     assert pipeline.eval_judge_params(Config(), "model-r0-x") == {}  # defaults: as before
     off = config_from_dict({"eval": {"judge": False}, "judge": {"verdict": "logprobs"}})
     assert pipeline.eval_judge_params(off, "model-r0-x") == {}
@@ -216,7 +222,7 @@ def test_the_migration_freezes_what_the_pipeline_puts_in_the_eval():
     assert list(refingerprint.JUDGE_DEFAULTS) == list(pipeline.EVAL_JUDGE_SETTINGS)
     assert refingerprint.JUDGE_DEFAULTS == {k: getattr(judge, k)
                                             for k in pipeline.EVAL_JUDGE_SETTINGS}
-    run_config = json.loads(json.dumps(load_config(ROOT / "configs" / "demo.yaml").to_dict()))
+    run_config = json.loads(json.dumps(config_from_dict(JUDGED).to_dict()))
     assert refingerprint._judge_settings("eval", ["m", "b", "e"], run_config) == DEMO_JUDGE
     assert refingerprint._judge_settings("eval", ["m"], run_config) == {}
 
@@ -228,7 +234,7 @@ def test_training_runs_in_train_dtype_or_models_dtype():
     pinned = config_from_dict({"models": {"dtype": "bfloat16"}, "train": {"dtype": "float32"}})
     assert pipeline.training_dtype(pinned) == "float32"
     demo = load_config(ROOT / "configs" / "demo.yaml")
-    assert pipeline.training_dtype(demo) == "float32"  # the demo's models keep their ids
+    assert pipeline.training_dtype(demo) == "bfloat16"  # bf16 mixed precision on the CPU
 
 
 @pytest.mark.badinput

@@ -1,6 +1,6 @@
 """Training honours models.dtype and models.device: the tiny Llama trained in bfloat16 on the
 CPU gives a bfloat16 checkpoint and finite metrics; float32 keeps the exact arguments of 0.1.0
-(the demo's figures); a device or dtype the machine cannot train with is a clear error naming
+(earlier figures); a device or dtype the machine cannot train with is a clear error naming
 the setting. The GPU cases run where torch sees a GPU."""
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def test_trains_in_the_configured_dtype_on_the_cpu(tiny_model, tmp_path, monkeyp
 
 
 def test_float32_keeps_the_arguments_of_0_1_0():
-    """float32 on the CPU (the default, the demo) trains with exactly the DPOConfig of 0.1.0:
+    """float32 on the CPU (the default) trains with exactly the DPOConfig of 0.1.0:
     the same weights and figures, bit for bit."""
     cfg = TrainConfig()
     kwargs = _dpo_kwargs(cfg, Path("w"), 10, 3, training_placement("cpu", "float32"))

@@ -1178,7 +1178,8 @@ _NON_NEGATIVE = (
     "seed", "prompts.num_new", "prompts.max_attempts", "prompts.few_shot", "prompts.min_chars",
     "prompts.temperature", "sampling.temperature", "sampling.prompts_per_round",
     "judge.temperature", "pairs.min_margin", "pairs.min_verifier_margin",
-    "pairs.max_length_ratio", "train.min_pairs", "eval.max_prompts", "train.checkpoint_steps",
+    "pairs.max_length_ratio", "pairs.min_length_ratio", "train.min_pairs", "eval.max_prompts",
+    "train.checkpoint_steps",
 )
 _RANGES = (  # key, low, low inclusive, high, high inclusive
     ("prompts.top_p", 0.0, False, 1.0, True),

@@ -220,6 +220,7 @@ def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
     ("sampling.top_p=0", "sampling.top_p: must be in (0, 1], got 0.0"),
     ("prompts.top_p=1.5", "prompts.top_p: must be in (0, 1], got 1.5"),
     ("sampling.temperature=-0.1", "sampling.temperature: must be >= 0, got -0.1"),
+    ("pairs.min_length_ratio=-0.5", "pairs.min_length_ratio: must be >= 0, got -0.5"),
     ("prompts.constraint_prob=1.2", "prompts.constraint_prob: must be in [0, 1], got 1.2"),
     ("prompts.dedupe_threshold=0", "prompts.dedupe_threshold: must be in (0, 1], got 0.0"),
     ("models.batch_size=0", "models.batch_size: must be > 0, got 0"),

@@ -120,7 +120,7 @@ def _several(group: list[Standing], judgments: pd.DataFrame, cfg: PairsConfig,
              text: dict[str, str], mode: str, bounds: tuple = ()
              ) -> list[tuple[Standing, Standing, tuple]]:
     """Up to `cfg.per_prompt` (chosen, rejected, decision) of one prompt's candidates: every
-    pair of a higher- and a lower-ranked candidate that `decide` and the length cap keep,
+    pair of a higher- and a lower-ranked candidate that `decide` and the length ratios keep,
     verifier-decided ones first, by margin, then in the judge's order (chosen highest, rejected
     lowest first), so the first is best vs worst whenever that pair is kept. Pairs with the
     same texts as one taken, or with identical texts, are skipped; a sample keeps the role of
@@ -134,8 +134,8 @@ def _several(group: list[Standing], judgments: pd.DataFrame, cfg: PairsConfig,
         for j in range(i + 1, len(ranked)):
             rejected = ranked[j]
             decision = decide(chosen, rejected, judgments, cfg)
-            if decision is None or _too_long(text[chosen.sample_id],
-                                              text[rejected.sample_id], cfg, bounds):
+            if decision is None or _off_ratio(text[chosen.sample_id],
+                                             text[rejected.sample_id], cfg, bounds):
                 continue
             rule, margin, ids = decision
             if mode == "hybrid" and cfg.require_agreement and rule == "llm" \
@@ -159,7 +159,12 @@ def _several(group: list[Standing], judgments: pd.DataFrame, cfg: PairsConfig,
     return out
 
 
-def _too_long(chosen: str, rejected: str, cfg: PairsConfig, bounds: tuple = ()) -> bool:
+def _constraints(value) -> list[dict]:
+    """A prompt row's constraints: stored as JSON text or as a list."""
+    return json.loads(value) if isinstance(value, str) else list(value or [])
+
+
+def _off_ratio(chosen: str, rejected: str, cfg: PairsConfig, bounds: tuple = ()) -> bool:
     """Whether the chosen text is over `cfg.max_length_ratio` times the rejected one, or under
     `cfg.min_length_ratio` times the length the prompt asks for (`allowed_chars`: the
     rejected text's length, or less where `bounds`, the prompt's upper-bound constraints, ask
@@ -195,8 +200,7 @@ def length_bounds(prompts: pd.DataFrame) -> dict[str, tuple[dict, ...]]:
     out)."""
     out = {}
     for r in prompts.itertuples():
-        c = r.constraints
-        c = json.loads(c) if isinstance(c, str) else list(c or [])
+        c = _constraints(r.constraints)
         bounds = tuple(x for x in c if isinstance(x, dict) and x.get("type") in UPPER_BOUND_TYPES
                        and isinstance(x.get("n"), int))
         if bounds:
@@ -223,9 +227,9 @@ def build_pairs(samples: pd.DataFrame, judgments: pd.DataFrame, cfg: PairsConfig
             picks = []
             bw = best_and_worst(group)
             decision = decide(*bw, judgments, cfg) if bw is not None else None
-            if decision is not None and not _too_long(text[bw[0].sample_id],
-                                                      text[bw[1].sample_id], cfg,
-                                                      bounds.get(pid, ())):
+            if decision is not None and not _off_ratio(text[bw[0].sample_id],
+                                                       text[bw[1].sample_id], cfg,
+                                                       bounds.get(pid, ())):
                 picks = [(*bw, decision)]
         for best, worst, (rule, margin, ids) in picks:
             by_verifier = rule == "verifier"
@@ -258,14 +262,13 @@ def repair_pairs(prompts: pd.DataFrame, samples: pd.DataFrame, judgments: pd.Dat
     bounds = length_bounds(prompts) if cfg is not None else {}
     rows = []
     for pid, group in sorted(standings(samples, judgments, mode).items()):
-        c = cons.get(pid)
-        c = json.loads(c) if isinstance(c, str) else list(c or [])
+        c = _constraints(cons.get(pid))
         if not c or any(s.verifier is not None and s.verifier >= 1.0 for s in group):
             continue
         best = min(group, key=lambda s: (-(s.verifier or 0.0), -(s.llm or 0.0),
                                          not s.finished, s.sample_id))
         fixed = repair(text[best.sample_id], c, types)
-        if fixed is None or (cfg is not None and _too_long(fixed, text[best.sample_id], cfg,
+        if fixed is None or (cfg is not None and _off_ratio(fixed, text[best.sample_id], cfg,
                                                            bounds.get(pid, ()))):
             continue
         score = best.verifier if best.verifier is not None else 0.0
@@ -287,8 +290,7 @@ def pairs_by_type(prompts: pd.DataFrame, samples: pd.DataFrame, pairs: pd.DataFr
     per_prompt = pairs.prompt_id.value_counts().to_dict()
     out: dict[str, dict[str, int]] = {}
     for pid in sorted(set(samples[~samples.greedy.astype(bool)].prompt_id)):
-        c = cons.get(pid)
-        c = json.loads(c) if isinstance(c, str) else list(c or [])
+        c = _constraints(cons.get(pid))
         for t in sorted({x["type"] for x in c}) or ["(none)"]:
             row = out.setdefault(t, {"prompts": 0, "with_pair": 0, "pairs": 0})
             row["prompts"] += 1

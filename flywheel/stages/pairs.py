@@ -269,7 +269,7 @@ def repair_pairs(prompts: pd.DataFrame, samples: pd.DataFrame, judgments: pd.Dat
                                          not s.finished, s.sample_id))
         fixed = repair(text[best.sample_id], c, types)
         if fixed is None or (cfg is not None and _off_ratio(fixed, text[best.sample_id], cfg,
-                                                           bounds.get(pid, ()))):
+                                                            bounds.get(pid, ()))):
             continue
         score = best.verifier if best.verifier is not None else 0.0
         rows.append({"pair_id": "pr_" + stable_id(salt, "repair", best.sample_id),

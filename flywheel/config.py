@@ -430,6 +430,13 @@ class SamplingConfig:
         metadata=_meta("Prompts sampled per round: the round's new prompts first, then a seeded "
                        "draw from the rest of the pool; 0 = the whole pool.", fp=SHAPES),
     )
+    balance_types: bool = field(
+        default=False,
+        metadata=_meta("Draw the pool's prompts so that constraint types are evenly covered: "
+                       "each pick takes a prompt of the type the round has fewest of so far "
+                       "(prompts without constraints count as one type), instead of a plain "
+                       "seeded draw. The round's new prompts still come first.", fp=ADDED),
+    )
     explore_budget: int = field(
         default=0,
         metadata=_meta("Exploration: extra candidates per round, in total, for prompts whose "
@@ -592,6 +599,20 @@ class TrainConfig:
                        "constraint), in the same LoRA adapter; DPO's reference is then the "
                        "model after it. 0 = no SFT step. Not with train.distributed: fsdp.",
                        fp=ADDED),
+    )
+    sft_per_prompt: int = field(
+        default=0,
+        metadata=_meta("The SFT step's examples beyond the verified chosen answers of pairs: up "
+                       "to this many of each constrained prompt's sampled candidates that pass "
+                       "every constraint (finished ones, best judged first), from prompts whose "
+                       "candidates all pass too. 0 = the pairs' chosen answers only.", fp=ADDED),
+    )
+    sft_rephrase: bool = field(
+        default=False,
+        metadata=_meta("The SFT step shows each verified pass once per epoch, each time with "
+                       "its prompt's instructions in another of their training phrasings (the "
+                       "task and the answer unchanged): as many steps as train.sft_epochs, more "
+                       "ways of saying each constraint.", fp=ADDED),
     )
     beta: float = field(
         default=0.1,
@@ -1179,7 +1200,7 @@ _NON_NEGATIVE = (
     "prompts.temperature", "sampling.temperature", "sampling.prompts_per_round",
     "judge.temperature", "pairs.min_margin", "pairs.min_verifier_margin",
     "pairs.max_length_ratio", "pairs.min_length_ratio", "train.min_pairs", "eval.max_prompts",
-    "train.checkpoint_steps",
+    "train.checkpoint_steps", "train.sft_per_prompt",
 )
 _RANGES = (  # key, low, low inclusive, high, high inclusive
     ("prompts.top_p", 0.0, False, 1.0, True),

@@ -567,6 +567,24 @@ def strip_instructions(text: str, constraints: list[dict]) -> str:
     return rest.strip()
 
 
+def rephrase(text: str, constraints: list[dict], shift: int) -> str | None:
+    """``text`` with each instruction sentence at its end moved ``shift`` places along its
+    type's training phrasings (wrapping around): the same task and constraints in other words.
+    None when the text does not end with a training phrasing of each constraint, in order."""
+    if not constraints:
+        return None
+    rest, chosen = text, []
+    for c in reversed(constraints):
+        options = [f(**_params(c)) for f in phrasings(c["type"], "training")]
+        at = max((i for i, r in enumerate(options) if rest.endswith(r)),
+                 key=lambda i: len(options[i]), default=None)
+        if at is None:
+            return None
+        rest = rest[: -len(options[at])].rstrip()
+        chosen.append(options[(at + shift) % len(options)])
+    return " ".join([rest, *reversed(chosen)]).strip()
+
+
 # ---------------------------------------------------------------- sampling
 
 # Type pairs that never go together, whatever their parameters.

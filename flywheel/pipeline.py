@@ -375,7 +375,8 @@ def sample(ctx: Context, round_: int, new_prompts: str, pool: list[str], policy:
         model = _model(ctx, policy)
         new_ids = list(ctx.catalog.rows("prompts", new_prompts).prompt_id)
         pool_df = _prompts(ctx, [*pool, new_prompts])
-        chosen = select_prompts(pool_df, new_ids, s.prompts_per_round, cfg.seed + round_)
+        chosen = select_prompts(pool_df, new_ids, s.prompts_per_round, cfg.seed + round_,
+                                s.balance_types)
         seed = cfg.seed * 1000 + round_
         parts = [candidates(ctx.backend, model["path"], policy, chosen, n=s.n,
                             temperature=s.temperature, top_p=s.top_p,
@@ -527,6 +528,19 @@ def build_pairs(ctx: Context, round_: int, judgments: str, samples: str,
                   code=CODE_VERSION)
 
 
+def _sampled_passes(ctx: Context, pairs: str, prompts: pd.DataFrame) -> pd.DataFrame:
+    """`train.sft_per_prompt`: the round's candidates that pass every constraint, from the
+    samples and judgments the pairs version was made from (its parents)."""
+    from flywheel.stages.train import sampled_passes
+
+    parents = {ctx.catalog.get(v).kind: v for v in ctx.catalog.get(pairs).parents}
+    if "samples" not in parents or "judgments" not in parents:
+        return pd.DataFrame(columns=["prompt_id", "text"])
+    return sampled_passes(prompts, ctx.catalog.rows("samples", parents["samples"]),
+                          ctx.catalog.rows("judgments", parents["judgments"]),
+                          ctx.cfg.train.sft_per_prompt, ctx.cfg.judge.mode)
+
+
 def training_dtype(cfg: Config) -> str:
     """The dtype training runs in: train.dtype, or with `auto` models.dtype."""
     return cfg.models.dtype if cfg.train.dtype == "auto" else cfg.train.dtype
@@ -538,7 +552,13 @@ def train(ctx: Context, round_: int, pairs: str, prompt_versions: list[str], pol
     `train.data_mix: current+previous`), against the round's starting model or, with
     `train.reference: base`, the round-0 model; the merged checkpoint becomes a model version.
     """
-    from flywheel.stages.train import STEP_COLUMNS, STEPS_KEY, train_lora
+    from flywheel.stages.train import (
+        STEP_COLUMNS,
+        STEPS_KEY,
+        sft_copies,
+        sft_rephrasings,
+        train_lora,
+    )
 
     cfg = ctx.cfg
     t = cfg.train
@@ -566,10 +586,14 @@ def train(ctx: Context, round_: int, pairs: str, prompt_versions: list[str], pol
         ctx.backend.release()
         pool = _prompts(ctx, prompt_versions)
         text = dict(zip(pool.prompt_id, pool.text))
+        extra = _sampled_passes(ctx, pairs, pool) if t.sft_epochs and t.sft_per_prompt else None
+        if t.sft_rephrase and t.sft_epochs > 0:
+            used = set(pair_rows.prompt_id) | (set(extra.prompt_id) if extra is not None else set())
+            text |= sft_rephrasings(pool, used, sft_copies(t))
         ref_path = _model(ctx, reference)["path"] if reference != policy else None
         metrics = train_lora(start["path"], pair_rows, text, t, out, seed=cfg.seed,
                              device=cfg.models.device, dtype=dtype, progress=cfg.progress,
-                             ref_path=ref_path, log=ctx.log)
+                             ref_path=ref_path, log=ctx.log, sft_extra=extra)
         if metrics.get("sft_steps"):
             ctx.log(f"round {round_} · train     SFT step on {metrics['sft_examples']} verified "
                     f"passes: {metrics['sft_steps']} steps, loss {metrics['sft_loss']:.3f}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 
 import pandas as pd
 import pytest
@@ -22,7 +23,7 @@ from flywheel.stages.prompts import (
     task_text,
     task_texts,
 )
-from flywheel.stages.sampling import select_prompts
+from flywheel.stages.sampling import prompt_types, select_prompts
 
 # ------------------------------------------------------------------ n-grams and Jaccard
 
@@ -300,3 +301,70 @@ def test_select_prompts_new_ids_not_in_pool_are_ignored() -> None:
     got = select_prompts(pool_df(POOL_IDS), ["p_zz"], 2, seed=1)
     assert len(got) == 2
     assert "p_zz" not in set(got.prompt_id)
+
+
+# ------------------------------------------------------------------ sampling.balance_types
+
+
+def typed_pool() -> pd.DataFrame:
+    """Twelve prompts: eight max_words only, two lowercase (one also max_words), one ends_with,
+    one without constraints."""
+    spec = ([[{"type": "max_words", "n": 10}]] * 8
+            + [[{"type": "lowercase"}], [{"type": "lowercase"}, {"type": "max_words", "n": 5}],
+               [{"type": "ends_with", "phrase": "Done."}], []])
+    ids = [f"p_{i:02d}" for i in range(len(spec))]
+    return pd.DataFrame({"prompt_id": ids, "text": [f"text {i}" for i in ids],
+                         "constraints": [json.dumps(c) for c in spec]})
+
+
+def _type_counts(chosen: pd.DataFrame) -> dict[str, int]:
+    return dict(Counter(t for c in chosen.constraints for t in prompt_types(c)))
+
+
+def test_balanced_draw_takes_the_rare_types_first() -> None:
+    pool = typed_pool()
+    for seed in range(10):
+        got = select_prompts(pool, [], 4, seed=seed, balance=True)
+        # one of each type before a second of any: the lowercase + max_words prompt counts
+        # for both, so max_words may come only through it
+        counts = _type_counts(got)
+        assert counts["ends_with"] == 1 and counts["(none)"] == 1 and counts["lowercase"] >= 1
+        assert counts.get("max_words", 0) <= 2, (seed, counts)
+        assert len(set(got.prompt_id)) == 4
+    # a plain draw of four from this pool is mostly max_words
+    plain = [_type_counts(select_prompts(pool, [], 4, seed=s)) for s in range(10)]
+    assert sum(c.get("ends_with", 0) for c in plain) < 10
+
+
+def test_balanced_draw_counts_the_new_prompts_and_keeps_them_first() -> None:
+    pool = typed_pool()
+    new = ["p_09", "p_10"]  # lowercase + max_words, ends_with
+    got = select_prompts(pool, new, 4, seed=3, balance=True)
+    assert list(got.prompt_id[:2]) == new
+    # after the new prompts, (none) is the type with none yet: the draw takes p_11
+    assert "p_11" in set(got.prompt_id[2:])
+    # a new lowercase prompt: the draw of two takes two of the types with none yet
+    # (max_words, ends_with, (none)), never the other lowercase prompt
+    seen = set()
+    for seed in range(10):
+        got = select_prompts(pool, ["p_08"], 3, seed=seed, balance=True)
+        picks = [prompt_types(c) for c in got.constraints[1:]]
+        assert len(picks) == 2 and picks[0] != picks[1] and ["lowercase"] not in picks
+        assert "p_09" not in set(got.prompt_id), seed
+        seen.add(tuple(got.prompt_id))
+    assert len(seen) > 1
+
+
+def test_balanced_draw_is_seeded_and_fills_k_when_types_run_out() -> None:
+    pool = typed_pool()
+    first = list(select_prompts(pool, [], 9, seed=5, balance=True).prompt_id)
+    assert first == list(select_prompts(pool, [], 9, seed=5, balance=True).prompt_id)
+    assert len(first) == 9 == len(set(first))  # the rare types are used up: max_words fills
+    assert {tuple(select_prompts(pool, [], 5, seed=s, balance=True).prompt_id)
+            for s in range(10)} != {tuple(first[:5])}
+
+
+def test_prompt_types() -> None:
+    assert prompt_types("[]") == ["(none)"] and prompt_types(None) == ["(none)"]
+    assert prompt_types(json.dumps([{"type": "lowercase"}, {"type": "max_words", "n": 3},
+                                    {"type": "lowercase"}])) == ["lowercase", "max_words"]

@@ -22,6 +22,7 @@ from flywheel.constraints import (
     describe_constraints,
     phrase_constraints,
     phrasings,
+    rephrase,
     renderings,
     strip_instructions,
     verify,
@@ -222,3 +223,31 @@ def test_the_phrasings_setting_defaults_to_one_and_enters_the_fingerprint_only_w
         config_from_dict({"prompts": {"phrasings": "many"}})
     text = str(err.value) + " ".join(getattr(err.value, "details", []) or [])
     assert "prompts.phrasings" in text and "varied" in text
+
+
+# -- rephrase (train.sft_rephrase) -----------------------------------------------------------
+def test_rephrase_moves_each_instruction_along_its_training_phrasings():
+    cons = [{"type": "max_words", "n": 20}, {"type": "ends_with", "phrase": "Done."}]
+    text = "Explain a compass. " + describe_constraints(cons)
+    words = [f(n=20) for f in phrasings("max_words")]
+    ends = [f(phrase="Done.") for f in phrasings("ends_with")]
+    assert rephrase(text, cons, 0) == text
+    assert rephrase(text, cons, 1) == f"Explain a compass. {words[1]} {ends[1]}"
+    assert rephrase(text, cons, 2) == f"Explain a compass. {words[2]} {ends[2]}"
+    assert rephrase(text, cons, 3) == text  # three training phrasings: wraps around
+    # from another phrasing, the shift counts from it
+    assert rephrase(f"Explain a compass. {words[2]} {ends[1]}", cons, 1) == \
+        f"Explain a compass. {words[0]} {ends[2]}"
+    for shift in range(4):  # the task is kept, no transfer phrasing is ever written
+        again = rephrase(text, cons, shift)
+        assert strip_instructions(again, cons) == "Explain a compass."
+        assert not any(t in again for c in cons for t in renderings(c, "transfer"))
+
+
+def test_rephrase_of_text_without_its_instructions_is_none():
+    cons = [{"type": "lowercase"}]
+    assert rephrase("Explain a compass.", cons, 1) is None
+    assert rephrase("Explain a compass.", [], 1) is None
+    # a transfer phrasing is not a training one: nothing to move along
+    transfer = "Explain a compass. " + phrasings("lowercase", "transfer")[0]()
+    assert rephrase(transfer, cons, 1) is None

@@ -18,6 +18,11 @@ from flywheel.stages import train
 from flywheel.stages.train import (
     _dpo_kwargs,
     _sft_kwargs,
+    sampled_passes,
+    sft_copies,
+    sft_dataset,
+    sft_examples,
+    sft_rephrasings,
     train_lora,
     training_placement,
     verified_passes,
@@ -235,3 +240,149 @@ def test_sft_then_dpo_in_two_processes(tiny_model, tmp_path):
     assert metrics["steps"] == 2  # 4 pairs, 2 a step
     assert sorted(p.name for p in (tmp_path / "two" / "adapter").iterdir()) == [
         "README.md", "adapter_config.json", "adapter_model.safetensors", "lineage.json"]
+
+
+# -- train.sft_rephrase: each SFT epoch in another phrasing -----------------------------------
+REPHRASE_PROMPTS = pd.DataFrame([
+    {"prompt_id": "p0", "text": "Name a fruit. Answer in at most 5 words.",
+     "constraints": json.dumps([{"type": "max_words", "n": 5}])},
+    {"prompt_id": "p1", "text": "Name a fruit.", "constraints": "[]"},
+    {"prompt_id": "p2", "text": "Name a fruit, in at most 5 words.",  # not a library sentence
+     "constraints": json.dumps([{"type": "max_words", "n": 5}])},
+    {"prompt_id": "p9", "text": "Unused. Answer in at most 5 words.",
+     "constraints": json.dumps([{"type": "max_words", "n": 5}])},
+])
+
+
+def test_sft_rephrasings_are_the_other_training_phrasings_of_used_prompts():
+    assert sft_copies(TrainConfig(sft_epochs=2.0, sft_rephrase=True)) == 2
+    assert sft_copies(TrainConfig(sft_epochs=1.5, sft_rephrase=True)) == 2
+    assert sft_copies(TrainConfig(sft_epochs=2.0)) == 1
+    got = sft_rephrasings(REPHRASE_PROMPTS, {"p0", "p1", "p2"}, 3)
+    assert got == {"p0#1": "Name a fruit. Use no more than 5 words in your answer.",
+                   "p0#2": "Name a fruit. Keep your answer to 5 words or fewer."}
+    assert "rephrase" not in json.dumps(shaping(TrainConfig()))
+    assert shaping(TrainConfig(sft_rephrase=True))["sft_rephrase"] is True
+
+
+def test_sft_rephrase_keeps_the_steps_and_varies_the_prompts(tmp_path):
+    from trl import SFTConfig
+
+    cfg = TrainConfig(sft_epochs=2.0, sft_rephrase=True, batch_size=2, max_length=128)
+    examples = pd.DataFrame({"prompt_id": ["p0", "p1", "p2"], "text": ["Apple.", "Pear.", "Fig."]})
+    text = dict(zip(REPHRASE_PROMPTS.prompt_id, REPHRASE_PROMPTS.text))
+    text |= sft_rephrasings(REPHRASE_PROMPTS, set(examples.prompt_id), sft_copies(cfg))
+    rows = list(sft_dataset(examples, text, sft_copies(cfg)))
+    prompts = [(r["prompt"][0]["content"], r["completion"][0]["content"]) for r in rows]
+    assert prompts == [
+        ("Name a fruit. Answer in at most 5 words.", "Apple."),
+        ("Name a fruit.", "Pear."),
+        ("Name a fruit, in at most 5 words.", "Fig."),
+        ("Name a fruit. Use no more than 5 words in your answer.", "Apple."),
+        ("Name a fruit.", "Pear."),  # no rephrasing: the prompt itself again
+        ("Name a fruit, in at most 5 words.", "Fig."),
+    ]
+    # one pass over the two copies: as many steps as two epochs over the examples
+    rephrased = SFTConfig(**_sft_kwargs(cfg, tmp_path, len(examples), 3, CPU))
+    plain = SFTConfig(**_sft_kwargs(TrainConfig(sft_epochs=2.0, batch_size=2, max_length=128),
+                                    tmp_path, len(examples), 3, CPU))
+    assert (rephrased.num_train_epochs, plain.num_train_epochs) == (1.0, 2.0)
+
+
+def test_sft_rephrase_on_a_tiny_model(tiny_model, tmp_path, monkeypatch):
+    """The SFT step runs one epoch over both phrasings: the same 2 steps as two epochs."""
+    seen = watch(monkeypatch)
+    used: list[list[str]] = []
+    real = train.sft_dataset
+
+    def recording(examples, prompt_text, copies=1):
+        ds = real(examples, prompt_text, copies)
+        used.append([r["prompt"][0]["content"] for r in ds])
+        return ds
+
+    monkeypatch.setattr(train, "sft_dataset", recording)
+    cfg = TrainConfig(**SMALL, sft_epochs=2.0, sft_rephrase=True, learning_rate=1e-2)
+    text = {**TEXT, "p0#1": "is it 0, in other words?"}
+    metrics = train_lora(str(tiny_model), PAIRS, text, cfg, tmp_path / "out", seed=1,
+                         progress=False)
+    assert seen[0]["args"].num_train_epochs == 1.0
+    assert (metrics["sft_examples"], metrics["sft_steps"]) == (2, 2)
+    assert used == [["is it 0?", "is it 2?", "is it 0, in other words?", "is it 2?"]]
+
+
+def test_the_training_spec_carries_the_rephrasings(tmp_path):
+    from flywheel.stages.train_worker import write_spec
+
+    cfg = TrainConfig(sft_epochs=2.0, sft_rephrase=True)
+    text = {**TEXT, "p0#1": "is it 0, in other words?", "p9": "extra", "p9#1": "extra, again",
+            "p8": "unused"}
+    extra = pd.DataFrame({"prompt_id": ["p9"], "text": ["a pass"]})
+    spec = write_spec(tmp_path, "base", PAIRS, text, cfg, tmp_path / "out", resume=None,
+                      seed=1, device="cpu", dtype="float32", ref_path=None, sft_extra=extra)
+    prompts = json.loads((spec.parent / "prompts.json").read_text())
+    assert prompts == {**TEXT, "p0#1": "is it 0, in other words?", "p9": "extra",
+                       "p9#1": "extra, again"}
+    assert pd.read_parquet(spec.parent / "sft_extra.parquet").equals(extra)
+
+
+# -- train.sft_per_prompt: the round's other verified passes ---------------------------------
+def _round(spec: dict[str, list[tuple[str, float | None, float, str]]]):
+    """prompts, samples, judgments from {prompt_id: [(text, verifier, llm, finish), ...]}
+    (verifier None: a prompt without constraints)."""
+    prompts, samples, judgments = [], [], []
+    for pid, cands in spec.items():
+        constrained = any(v is not None for _, v, _, _ in cands)
+        prompts.append({"prompt_id": pid, "text": f"task {pid}",
+                        "constraints": json.dumps([{"type": "lowercase"}] if constrained else [])})
+        for k, (text, verifier, llm, finish) in enumerate(cands):
+            sid = f"s_{pid}_{k}"
+            samples.append({"sample_id": sid, "prompt_id": pid, "text": text, "greedy": False,
+                            "finish_reason": finish})
+            if verifier is not None:
+                judgments.append({"judgment_id": f"j_v_{sid}", "sample_id": sid,
+                                  "type": "verifier", "score": verifier, "parsed": True})
+            judgments.append({"judgment_id": f"j_p_{sid}", "sample_id": sid, "type": "pointwise",
+                              "score": llm, "parsed": True})
+    return pd.DataFrame(prompts), pd.DataFrame(samples), pd.DataFrame(judgments)
+
+
+def test_sampled_passes_take_the_best_finished_distinct_passes_per_prompt():
+    prompts, samples, judgments = _round({
+        "a": [("a1", 1.0, 2.0, "stop"), ("a2", 1.0, 4.0, "stop"), ("a3", 1.0, 3.0, "stop"),
+              ("a4", 0.0, 5.0, "stop")],
+        "b": [("b1", 1.0, 1.0, "length"), ("b2", 1.0, 1.0, "stop"), ("b2", 1.0, 2.0, "stop")],
+        "c": [("c1", 0.0, 1.0, "stop"), ("c2", 0.5, 1.0, "stop")],  # no pass
+        "d": [("d1", None, 5.0, "stop")],  # no constraints: nothing verified
+    })
+    got = sampled_passes(prompts, samples, judgments, per_prompt=2)
+    # a: the two best judged passes (a4 fails); b: the truncated b1 is left out, b2 once
+    assert list(zip(got.prompt_id, got.text)) == [("a", "a2"), ("a", "a3"), ("b", "b2")]
+    assert list(sampled_passes(prompts, samples, judgments, per_prompt=1).text) == ["a2", "b2"]
+    assert sampled_passes(prompts, samples, judgments, per_prompt=0).empty
+
+
+def test_sft_examples_join_the_pairs_passes_and_the_sampled_ones_once():
+    extra = pd.DataFrame({"prompt_id": ["p0", "p3"], "text": ["yes, 0 it is", "p3's pass"]})
+    got = sft_examples(PAIRS, extra)
+    assert list(zip(got.prompt_id, got.text)) == [("p0", "yes, 0 it is"),
+                                                  ("p2", "yes, 2 it is"), ("p3", "p3's pass")]
+    assert sft_examples(PAIRS).equals(verified_passes(PAIRS))
+
+
+def test_sft_per_prompt_trains_on_the_extra_passes(tiny_model, tmp_path, monkeypatch):
+    seen = watch(monkeypatch)
+    cfg = TrainConfig(**SMALL, sft_epochs=1.0, sft_per_prompt=2)
+    extra = pd.DataFrame({"prompt_id": ["p3", "p4"], "text": ["three", "four"]})
+    metrics = train_lora(str(tiny_model), PAIRS, TEXT, cfg, tmp_path / "out", seed=1,
+                         progress=False, sft_extra=extra)
+    assert (metrics["sft_examples"], metrics["sft_steps"]) == (4, 2)  # 2 + 2, batch 2
+    assert type(seen[0]["args"]).__name__ == "SFTConfig"
+    assert shaping(cfg)["sft_per_prompt"] == 2 and "sft_per_prompt" not in shaping(TrainConfig())
+
+
+def test_a_negative_sft_per_prompt_is_a_config_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  sft_per_prompt: -1\n")
+    with pytest.raises(FlywheelError) as err:
+        load_config(path)
+    assert "train.sft_per_prompt: must be >= 0, got -1" in str(err.value)

@@ -8,13 +8,39 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
+from transformers.generation.logits_process import TopPLogitsWarper
 
 from flywheel import interrupt
 from flywheel.backends import Conversation, Generation, Overflow
 from flywheel.errors import FlywheelError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class NucleusWarper(TopPLogitsWarper):
+    """Top-p (nucleus) filtering with transformers' TopPLogitsWarper's rule (keep the most
+    probable tokens until their mass reaches top_p) without sorting the whole vocabulary each
+    step: the nucleus is looked for among the `k` most probable tokens (`torch.topk`), and
+    only a row whose nucleus is larger than that falls back to the full sort. On a CPU the
+    full sort of a 49k vocabulary took a quarter of sampling time."""
+
+    def __init__(self, top_p: float, k: int = 512, min_tokens_to_keep: int = 1):
+        super().__init__(top_p=top_p, min_tokens_to_keep=min_tokens_to_keep)
+        self.k = k
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        k = min(self.k, scores.shape[-1])
+        top, idx = scores.softmax(dim=-1).topk(k, dim=-1)  # most probable first
+        before = top.cumsum(dim=-1) - top  # the mass of the more probable tokens
+        keep = before < self.top_p
+        keep[:, : self.min_tokens_to_keep] = True
+        mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, keep)
+        out = scores.masked_fill(~mask, self.filter_value)
+        wider = keep[:, -1]  # the k-th token is still inside the nucleus: sort the row fully
+        if bool(wider.any()):
+            out[wider] = super().__call__(input_ids[wider], scores[wider])
+        return out
 
 
 class TransformersBackend:
@@ -112,8 +138,10 @@ class TransformersBackend:
             torch.manual_seed(seed * 100_003 + b)
             kwargs = dict(do_sample=sample, max_new_tokens=max_new_tokens,
                           pad_token_id=tok.pad_token_id, eos_token_id=sorted(eos))
-            if sample:
-                kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+            if sample:  # top-p by NucleusWarper (after the temperature), not transformers'
+                kwargs.update(temperature=temperature, top_p=1.0, top_k=0)
+                if top_p < 1.0:
+                    kwargs["logits_processor"] = LogitsProcessorList([NucleusWarper(top_p)])
             gen = mdl.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1]:]
             prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
             for row, i, plen in zip(gen.tolist(), idx, prompt_lens):

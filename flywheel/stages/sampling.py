@@ -25,16 +25,56 @@ SAMPLE_COLUMNS = columns("samples")
 CODE_VERSION = "0.1.0+1"
 
 
-def select_prompts(pool: pd.DataFrame, new_ids: list[str], k: int, seed: int) -> pd.DataFrame:
-    """The round's new prompts first, then a seeded draw from the rest of the pool (k=0: all)."""
+def select_prompts(pool: pd.DataFrame, new_ids: list[str], k: int, seed: int,
+                   balance: bool = False) -> pd.DataFrame:
+    """The round's new prompts first, then a seeded draw from the rest of the pool (k=0: all).
+    With `balance` (`sampling.balance_types`) the draw evens out constraint types: each pick
+    is a seeded choice among the prompts of the type the selection has fewest of so far."""
     pool = pool.drop_duplicates("prompt_id")
     if k <= 0 or k >= len(pool):
         return pool.reset_index(drop=True)
     new = pool[pool.prompt_id.isin(new_ids)]
     rest = pool[~pool.prompt_id.isin(new_ids)].sort_values("prompt_id")
     take = max(0, k - len(new))
-    picked = random.Random(seed).sample(range(len(rest)), min(take, len(rest)))
+    rng = random.Random(seed)
+    if balance:
+        picked = _balanced_draw(new, rest, take, rng)
+    else:
+        picked = rng.sample(range(len(rest)), min(take, len(rest)))
     return pd.concat([new.head(k), rest.iloc[sorted(picked)]]).reset_index(drop=True)
+
+
+def prompt_types(constraints) -> list[str]:
+    """A prompt's constraint types (stored JSON or a list), `(none)` for one without."""
+    items = json.loads(constraints) if isinstance(constraints, str) else (constraints or [])
+    return sorted({c["type"] for c in items}) or ["(none)"]
+
+
+def _balanced_draw(new: pd.DataFrame, rest: pd.DataFrame, take: int,
+                   rng: random.Random) -> list[int]:
+    """Positions in `rest` of `take` prompts: each pick is a seeded choice among the unpicked
+    prompts having the type that the selection (the new prompts included) has fewest of, and
+    of those, the ones whose types are least covered altogether; ties between types go to a
+    seeded order."""
+    types = [prompt_types(c) for c in rest.constraints]
+    counts: dict[str, int] = {t: 0 for ts in types for t in ts}
+    for c in new.constraints:
+        for t in prompt_types(c):
+            counts[t] = counts.get(t, 0) + 1
+    order = {t: rng.random() for t in sorted(counts)}
+    left = set(range(len(rest)))
+    picked: list[int] = []
+    while left and len(picked) < take:
+        open_types = {t for i in left for t in types[i]}
+        want = min(open_types, key=lambda t: (counts[t], order[t]))
+        having = [i for i in sorted(left) if want in types[i]]
+        least = min(sum(counts[t] for t in types[i]) for i in having)
+        i = rng.choice([i for i in having if sum(counts[t] for t in types[i]) == least])
+        left.remove(i)
+        picked.append(i)
+        for t in types[i]:
+            counts[t] += 1
+    return picked
 
 
 def conversation(text: str) -> list[dict]:

@@ -281,46 +281,123 @@ def verified_passes(pairs: pd.DataFrame) -> pd.DataFrame:
     return out.drop_duplicates().sort_values(["prompt_id", "text"]).reset_index(drop=True)
 
 
-def sft_dataset(examples: pd.DataFrame, prompt_text: dict[str, str]):
-    """A TRL conversational prompt-completion dataset (the loss is on the answer only)."""
+def sampled_passes(prompts: pd.DataFrame, samples: pd.DataFrame, judgments: pd.DataFrame,
+                   per_prompt: int, mode: str = "hybrid") -> pd.DataFrame:
+    """`train.sft_per_prompt`'s SFT examples (prompt_id, text): up to `per_prompt` distinct
+    answers per constrained prompt among its candidates that pass every constraint (verifier
+    fraction 1.0) and ended on their own, best first (LLM score, then sample id), whether or
+    not the prompt made a pair."""
+    from flywheel.stages.pairs import standings
+
+    text = dict(zip(samples.sample_id, samples.text))
+    constrained = {p.prompt_id for p in prompts.itertuples()
+                   if json.loads(p.constraints or "[]")}
+    rows = []
+    for pid, group in sorted(standings(samples, judgments, mode).items()):
+        if pid not in constrained or per_prompt <= 0:
+            continue
+        passes = sorted((s for s in group if s.verifier is not None and s.verifier >= 1.0
+                         and s.finished), key=lambda s: (-(s.llm or 0.0), s.sample_id))
+        kept: list[str] = []
+        for s in passes:
+            if text[s.sample_id] not in kept:
+                kept.append(text[s.sample_id])
+            if len(kept) == per_prompt:
+                break
+        rows += [{"prompt_id": pid, "text": t} for t in kept]
+    return pd.DataFrame(rows, columns=["prompt_id", "text"])
+
+
+def sft_examples(pairs: pd.DataFrame, extra: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The SFT step's examples: the pairs' verified passes (`verified_passes`) and `extra`
+    (`sampled_passes`), each (prompt, answer) once, in a stable order."""
+    examples = verified_passes(pairs)
+    if extra is not None and len(extra):
+        examples = pd.concat([examples, extra[["prompt_id", "text"]]], ignore_index=True)
+    return examples.drop_duplicates().sort_values(["prompt_id", "text"]).reset_index(drop=True)
+
+
+def sft_copies(cfg: TrainConfig) -> int:
+    """How many phrasings of each prompt the SFT step shows: one per (started) epoch with
+    `train.sft_rephrase`, else one."""
+    return max(1, math.ceil(cfg.sft_epochs)) if cfg.sft_rephrase else 1
+
+
+def rephrased_key(prompt_id: str, copy: int) -> str:
+    """The prompt-text key of a prompt's `copy`-th rephrasing (copy 0: the prompt itself)."""
+    return prompt_id if copy == 0 else f"{prompt_id}#{copy}"
+
+
+def sft_rephrasings(prompts: pd.DataFrame, prompt_ids: set[str], copies: int
+                    ) -> dict[str, str]:
+    """For `train.sft_rephrase`: the texts of each prompt in `prompt_ids` with its
+    instructions moved 1 .. copies-1 places along their types' training phrasings
+    (`flywheel.constraints.rephrase`), under `rephrased_key`; prompts without constraints, or
+    whose text does not end with their instructions, have none (the SFT step repeats them)."""
+    from flywheel.constraints import rephrase
+
+    out = {}
+    for p in prompts.drop_duplicates("prompt_id").itertuples():
+        if p.prompt_id not in prompt_ids:
+            continue
+        cons = json.loads(p.constraints) if isinstance(p.constraints, str) else p.constraints
+        for copy in range(1, copies):
+            text = rephrase(p.text, cons or [], copy)
+            if text is not None and text != p.text:
+                out[rephrased_key(p.prompt_id, copy)] = text
+    return out
+
+
+def sft_dataset(examples: pd.DataFrame, prompt_text: dict[str, str], copies: int = 1):
+    """A TRL conversational prompt-completion dataset (the loss is on the answer only): each
+    example `copies` times, copy k with its prompt's k-th rephrasing where `prompt_text` has
+    one (`sft_rephrasings`), else the prompt itself."""
     from datasets import Dataset
 
+    def prompt(pid: str, copy: int) -> str:
+        return prompt_text.get(rephrased_key(pid, copy), prompt_text[pid])
+
     return Dataset.from_list([
-        {"prompt": [{"role": "user", "content": prompt_text[e.prompt_id]}],
+        {"prompt": [{"role": "user", "content": prompt(e.prompt_id, copy)}],
          "completion": [{"role": "assistant", "content": e.text}]}
-        for e in examples.itertuples()
+        for copy in range(copies) for e in examples.itertuples()
     ])
 
 
 def _sft_kwargs(cfg: TrainConfig, work: Path, n_examples: int, seed: int,
                 place: Placement) -> dict:
-    """The SFTConfig arguments: DPO's settings, `train.sft_epochs` epochs, no checkpoints."""
-    steps_per_epoch = math.ceil(n_examples / (cfg.batch_size * cfg.grad_accum
-                                              * cfg.num_processes))
+    """The SFTConfig arguments: DPO's settings, `train.sft_epochs` epochs, no checkpoints.
+    With `train.sft_rephrase` the dataset holds `sft_copies` copies of each example (one per
+    epoch, each in another phrasing): sft_epochs / copies passes over it, the same steps."""
+    copies = sft_copies(cfg)
+    epochs = cfg.sft_epochs / copies
+    steps_per_epoch = math.ceil(n_examples * copies / (cfg.batch_size * cfg.grad_accum
+                                                       * cfg.num_processes))
     return dict(
         output_dir=str(work / SFT_DIR), per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.sft_epochs,
+        gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=epochs,
         learning_rate=cfg.learning_rate,
-        warmup_steps=int(cfg.warmup_ratio * steps_per_epoch * cfg.sft_epochs),
+        warmup_steps=int(cfg.warmup_ratio * steps_per_epoch * epochs),
         max_length=cfg.max_length, bf16=place.dtype == "bfloat16",
         fp16=place.dtype == "float16", gradient_checkpointing=cfg.gradient_checkpointing,
         use_cpu=place.device == "cpu", report_to="none", save_strategy="no",
         logging_steps=1, seed=seed, disable_tqdm=True, dataloader_num_workers=0,
-        lr_scheduler_type="constant" if steps_per_epoch * cfg.sft_epochs < 10 else "linear",
+        lr_scheduler_type="constant" if steps_per_epoch * epochs < 10 else "linear",
         **({"gradient_checkpointing_kwargs": {"use_reentrant": False}}
            if cfg.gradient_checkpointing else {}))
 
 
 def _sft_step(model, tok, pairs: pd.DataFrame, prompt_text: dict[str, str], cfg: TrainConfig,
               work: Path, *, seed: int, place: Placement, peft_config, progress: bool, log,
-              distributed: bool = False):
+              distributed: bool = False, extra: pd.DataFrame | None = None):
     """Rejection-sampling SFT before DPO: train `peft_config`'s LoRA adapter on the verified
-    passes for `cfg.sft_epochs` epochs; return (the model, now a PEFT model with that adapter,
+    passes (`sft_examples`: the pairs' and `extra`) for `cfg.sft_epochs` epochs; return (the
+    model, now a PEFT model with that adapter,
     or `model` unchanged when there is nothing to learn from, and the sft_* metrics). DPO then
     continues the same adapter; TRL keeps a frozen copy of it as the reference, so DPO's
     reference is the model after SFT (or the model at `train.reference: base`). `distributed`:
     one process of several (DDP), as in `_train`."""
-    examples = verified_passes(pairs)
+    examples = sft_examples(pairs, extra)
     if examples.empty:
         log("train.sft_epochs: no pair's chosen answer passed every constraint of its "
             "prompt: no SFT step this round, DPO only")
@@ -332,7 +409,8 @@ def _sft_step(model, tok, pairs: pd.DataFrame, prompt_text: dict[str, str], cfg:
     if not distributed:
         _pin_device(args, place)
     sft = SFTTrainer(model=model, args=args, processing_class=tok,
-                     train_dataset=sft_dataset(examples, prompt_text), peft_config=peft_config)
+                     train_dataset=sft_dataset(examples, prompt_text, sft_copies(cfg)),
+                     peft_config=peft_config)
     sft.remove_callback(PrinterCallback)
     sft.add_callback(_progress_callback(progress))
     sft.add_callback(_stop_callback())
@@ -394,7 +472,7 @@ def out_of_memory_error(what: str, cfg: TrainConfig, dtype: str, where: str) -> 
 def train_lora(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
                cfg: TrainConfig, out_dir: str | Path, *, seed: int, device: str = "cpu",
                dtype: str = "float32", progress: bool = True, ref_path: str | None = None,
-               log=print) -> dict:
+               log=print, sft_extra: pd.DataFrame | None = None) -> dict:
     """Train a LoRA adapter with DPO on `pairs`, merge it, save to `out_dir`; return metrics.
 
     The reference policy is `base_path` with the adapter disabled, or the model at `ref_path`.
@@ -406,7 +484,8 @@ def train_lora(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
     `cfg.num_processes > 1` runs the same training in that many processes under `accelerate
     launch` (see flywheel.stages.train_worker); the metrics then also name `num_processes`.
     The metrics' `train_steps` (STEPS_KEY) lists every logged step, SFT's then DPO's
-    (`step_rows`): the pipeline stores them in the train_steps table."""
+    (`step_rows`): the pipeline stores them in the train_steps table. `sft_extra` (prompt_id,
+    text): SFT examples beyond the pairs' verified passes (`sampled_passes`)."""
     if pairs.empty:
         raise FlywheelError("no pairs to train on")
     bad = cfg.problems()
@@ -425,20 +504,46 @@ def train_lora(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
         from flywheel.stages.train_worker import launch_training
 
         return launch_training(base_path, pairs, prompt_text, cfg, out, resume=resume,
-                               seed=seed, place=place, ref_path=ref_path, log=log)
+                               seed=seed, place=place, ref_path=ref_path, log=log,
+                               sft_extra=sft_extra)
     try:
         return _train(base_path, pairs, prompt_text, cfg, out, resume=resume, seed=seed,
-                      place=place, progress=progress, ref_path=ref_path, log=log)
+                      place=place, progress=progress, ref_path=ref_path, log=log,
+                      sft_extra=sft_extra)
     except Exception as exc:
         if is_out_of_memory(exc):
             raise out_of_memory_error(str(exc), cfg, place.dtype, place.device) from None
         raise
 
 
+def score_labelled_positions_only() -> bool:
+    """TRL's fused LM head (its chunked log-probabilities, run by the SFT and DPO trainers)
+    scores only the positions that carry a label on Triton devices, and every position
+    elsewhere, to keep tile shapes fixed for compilers that would recompile on each new shape.
+    Nothing is compiled on a CPU, where scoring every position means the LM head, in float32,
+    over each prompt and its padding as well: a third of a step's time on the demo's 49k
+    vocabulary. This makes TRL score the labelled positions on the CPU too (the same
+    log-probabilities: each position's is computed alone). True when TRL has the switch this
+    relies on (`trl.trainer.utils._use_triton`, TRL 1.16); otherwise it changes nothing."""
+    import trl.trainer.utils as trl_utils
+
+    decide = getattr(trl_utils, "_use_triton", None)
+    if decide is None:
+        return False
+    if not getattr(decide, "flywheel_cpu_compact", False):
+        def compact(device) -> bool:
+            return device.type == "cpu" or decide(device)
+
+        compact.flywheel_cpu_compact = True  # type: ignore[attr-defined]
+        compact.original = decide  # type: ignore[attr-defined]
+        trl_utils._use_triton = compact
+    return True
+
+
 def _train(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
            cfg: TrainConfig, out: Path, *, resume: Path | None, seed: int, place: Placement,
            progress: bool, ref_path: str | None, distributed: bool = False,
-           log=print) -> dict | None:
+           log=print, sft_extra: pd.DataFrame | None = None) -> dict | None:
     """Train, merge and save (`train_lora` without its checks). `distributed`: one process of
     several under `accelerate launch` (each on the GPU of its local rank, or the CPU): all
     train; the main process merges, saves and returns the metrics, the others return None
@@ -452,6 +557,7 @@ def _train(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
+    score_labelled_positions_only()
     work = out.with_name(out.name + ".work")
     tok = AutoTokenizer.from_pretrained(base_path)
     if tok.pad_token is None:
@@ -474,7 +580,7 @@ def _train(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
             model, sft_metrics = _sft_step(model, tok, pairs, prompt_text, cfg, work, seed=seed,
                                            place=place, peft_config=peft_config,
                                            progress=progress, log=log,
-                                           distributed=distributed)
+                                           distributed=distributed, extra=sft_extra)
         tuned = isinstance(model, PeftModel)  # after SFT: DPO continues its adapter
         trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, processing_class=tok,
                              train_dataset=preference_dataset(pairs, prompt_text),

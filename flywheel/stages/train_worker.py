@@ -37,7 +37,11 @@ import pandas as pd
 
 from flywheel.config import TrainConfig
 from flywheel.errors import FlywheelError
-from flywheel.stages.train import CODE_VERSION  # noqa: F401  the train stage's code, run apart
+from flywheel.stages.train import (  # noqa: F401  CODE_VERSION: the train stage's code, run apart
+    CODE_VERSION,
+    rephrased_key,
+    sft_copies,
+)
 
 LAUNCH_DIR = "launch"
 LOG_NAME = "train.log"
@@ -97,7 +101,7 @@ def _check_devices(cfg: TrainConfig, device: str) -> None:
 
 def write_spec(folder: Path, base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
                cfg: TrainConfig, out: Path, *, resume: Path | None, seed: int, device: str,
-               dtype: str, ref_path: str | None) -> Path:
+               dtype: str, ref_path: str | None, sft_extra: pd.DataFrame | None = None) -> Path:
     """Write what the training processes need into `folder`; the spec file's path."""
     folder.mkdir(parents=True, exist_ok=True)
     # the rule and the chosen answer's score pick the SFT step's examples (train.sft_epochs)
@@ -105,12 +109,20 @@ def write_spec(folder: Path, base_path: str, pairs: pd.DataFrame, prompt_text: d
                *[c for c in ("rule", "chosen_score") if c in pairs]]
     rows = pairs[columns].reset_index(drop=True)
     rows.to_parquet(folder / "pairs.parquet", index=False)
-    used = {p: prompt_text[p] for p in rows.prompt_id.unique()}
+    extra = (sft_extra if sft_extra is not None else pd.DataFrame(columns=["prompt_id", "text"]))
+    extra = extra[["prompt_id", "text"]].reset_index(drop=True)
+    extra.to_parquet(folder / "sft_extra.parquet", index=False)
+    used = {}  # each prompt's text, with its SFT rephrasings (train.sft_rephrase)
+    for p in dict.fromkeys([*rows.prompt_id, *extra.prompt_id]):
+        for copy in range(sft_copies(cfg)):
+            if rephrased_key(p, copy) in prompt_text:
+                used[rephrased_key(p, copy)] = prompt_text[rephrased_key(p, copy)]
     (folder / "prompts.json").write_text(json.dumps(used))
     spec = {"base_path": str(base_path), "ref_path": ref_path, "out_dir": str(out),
             "resume": str(resume) if resume else None, "seed": seed, "device": device,
             "dtype": dtype, "train": dataclasses.asdict(cfg),
-            "pairs": "pairs.parquet", "prompts": "prompts.json", "metrics": "metrics.json"}
+            "pairs": "pairs.parquet", "prompts": "prompts.json", "metrics": "metrics.json",
+            "sft_extra": "sft_extra.parquet"}
     path = folder / "spec.json"
     path.write_text(json.dumps(spec, indent=1))
     return path
@@ -118,7 +130,8 @@ def write_spec(folder: Path, base_path: str, pairs: pd.DataFrame, prompt_text: d
 
 def launch_training(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, str],
                     cfg: TrainConfig, out: Path, *, resume: Path | None, seed: int, place,
-                    ref_path: str | None, log=print) -> dict:
+                    ref_path: str | None, log=print,
+                    sft_extra: pd.DataFrame | None = None) -> dict:
     """Train in `cfg.num_processes` processes under `accelerate launch`; the main process's
     metrics. `place` is the resolved `training_placement`; `resume` the checkpoint to resume
     from (None: `<out>.work` has been cleared). A failed launch is a FlywheelError with the
@@ -132,7 +145,8 @@ def launch_training(base_path: str, pairs: pd.DataFrame, prompt_text: dict[str, 
     for stale in [folder / "metrics.json", *folder.glob("error-rank*.json")]:
         stale.unlink(missing_ok=True)
     spec = write_spec(folder, base_path, pairs, prompt_text, cfg, out, resume=resume,
-                      seed=seed, device=device, dtype=place.dtype, ref_path=ref_path)
+                      seed=seed, device=device, dtype=place.dtype, ref_path=ref_path,
+                      sft_extra=sft_extra)
     argv = launch_argv(spec, cfg, port=free_port())
     log_path = folder / LOG_NAME
     log(f"training in {cfg.num_processes} processes ({cfg.distributed}, "
@@ -382,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics = _train(spec["base_path"], pairs, prompt_text, cfg, Path(spec["out_dir"]),
                              resume=Path(spec["resume"]) if spec["resume"] else None,
                              seed=spec["seed"], place=place, progress=False,
-                             ref_path=spec["ref_path"], distributed=True)
+                             ref_path=spec["ref_path"], distributed=True,
+                             sft_extra=pd.read_parquet(folder / spec["sft_extra"]))
         except Exception as exc:
             if is_out_of_memory(exc):
                 where = "the CPU" if place.device == "cpu" else \

@@ -22,8 +22,8 @@ from flywheel.constraints import (
     describe_constraints,
     phrase_constraints,
     phrasings,
-    rephrase,
     renderings,
+    rephrase,
     strip_instructions,
     verify,
 )

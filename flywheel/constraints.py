@@ -567,6 +567,11 @@ def strip_instructions(text: str, constraints: list[dict]) -> str:
     return rest.strip()
 
 
+def stored_constraints(value) -> list[dict]:
+    """A prompt row's constraints, stored as JSON text or as a list (None: none)."""
+    return json.loads(value) if isinstance(value, str) else list(value or [])
+
+
 def rephrase(text: str, constraints: list[dict], shift: int) -> str | None:
     """``text`` with each instruction sentence at its end moved ``shift`` places along its
     type's training phrasings (wrapping around): the same task and constraints in other words.

@@ -4,12 +4,12 @@ functions over DataFrames of samples and judgments."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import pandas as pd
 
 from flywheel.config import PairsConfig
+from flywheel.constraints import stored_constraints
 from flywheel.hashing import stable_id
 from flywheel.tables import columns
 
@@ -159,11 +159,6 @@ def _several(group: list[Standing], judgments: pd.DataFrame, cfg: PairsConfig,
     return out
 
 
-def _constraints(value) -> list[dict]:
-    """A prompt row's constraints: stored as JSON text or as a list."""
-    return json.loads(value) if isinstance(value, str) else list(value or [])
-
-
 def _off_ratio(chosen: str, rejected: str, cfg: PairsConfig, bounds: tuple = ()) -> bool:
     """Whether the chosen text is over `cfg.max_length_ratio` times the rejected one, or under
     `cfg.min_length_ratio` times the length the prompt asks for (`allowed_chars`: the
@@ -200,7 +195,7 @@ def length_bounds(prompts: pd.DataFrame) -> dict[str, tuple[dict, ...]]:
     out)."""
     out = {}
     for r in prompts.itertuples():
-        c = _constraints(r.constraints)
+        c = stored_constraints(r.constraints)
         bounds = tuple(x for x in c if isinstance(x, dict) and x.get("type") in UPPER_BOUND_TYPES
                        and isinstance(x.get("n"), int))
         if bounds:
@@ -262,7 +257,7 @@ def repair_pairs(prompts: pd.DataFrame, samples: pd.DataFrame, judgments: pd.Dat
     bounds = length_bounds(prompts) if cfg is not None else {}
     rows = []
     for pid, group in sorted(standings(samples, judgments, mode).items()):
-        c = _constraints(cons.get(pid))
+        c = stored_constraints(cons.get(pid))
         if not c or any(s.verifier is not None and s.verifier >= 1.0 for s in group):
             continue
         best = min(group, key=lambda s: (-(s.verifier or 0.0), -(s.llm or 0.0),
@@ -290,7 +285,7 @@ def pairs_by_type(prompts: pd.DataFrame, samples: pd.DataFrame, pairs: pd.DataFr
     per_prompt = pairs.prompt_id.value_counts().to_dict()
     out: dict[str, dict[str, int]] = {}
     for pid in sorted(set(samples[~samples.greedy.astype(bool)].prompt_id)):
-        c = _constraints(cons.get(pid))
+        c = stored_constraints(cons.get(pid))
         for t in sorted({x["type"] for x in c}) or ["(none)"]:
             row = out.setdefault(t, {"prompts": 0, "with_pair": 0, "pairs": 0})
             row["prompts"] += 1

@@ -13,7 +13,7 @@ import pandas as pd
 
 from flywheel.backends import Backend
 from flywheel.config import SamplingConfig
-from flywheel.constraints import verify
+from flywheel.constraints import stored_constraints, verify
 from flywheel.errors import FlywheelError
 from flywheel.hashing import stable_id
 from flywheel.tables import columns
@@ -46,8 +46,7 @@ def select_prompts(pool: pd.DataFrame, new_ids: list[str], k: int, seed: int,
 
 def prompt_types(constraints) -> list[str]:
     """A prompt's constraint types (stored JSON or a list), `(none)` for one without."""
-    items = json.loads(constraints) if isinstance(constraints, str) else (constraints or [])
-    return sorted({c["type"] for c in items}) or ["(none)"]
+    return sorted({c["type"] for c in stored_constraints(constraints)}) or ["(none)"]
 
 
 def _balanced_draw(new: pd.DataFrame, rest: pd.DataFrame, take: int,

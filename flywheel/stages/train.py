@@ -287,14 +287,16 @@ def sampled_passes(prompts: pd.DataFrame, samples: pd.DataFrame, judgments: pd.D
     answers per constrained prompt among its candidates that pass every constraint (verifier
     fraction 1.0) and ended on their own, best first (LLM score, then sample id), whether or
     not the prompt made a pair."""
+    from flywheel.constraints import stored_constraints
     from flywheel.stages.pairs import standings
 
+    rows: list[dict] = []
+    if per_prompt <= 0:
+        return pd.DataFrame(rows, columns=["prompt_id", "text"])
     text = dict(zip(samples.sample_id, samples.text))
-    constrained = {p.prompt_id for p in prompts.itertuples()
-                   if json.loads(p.constraints or "[]")}
-    rows = []
+    constrained = {p.prompt_id for p in prompts.itertuples() if stored_constraints(p.constraints)}
     for pid, group in sorted(standings(samples, judgments, mode).items()):
-        if pid not in constrained or per_prompt <= 0:
+        if pid not in constrained:
             continue
         passes = sorted((s for s in group if s.verifier is not None and s.verifier >= 1.0
                          and s.finished), key=lambda s: (-(s.llm or 0.0), s.sample_id))
@@ -334,15 +336,14 @@ def sft_rephrasings(prompts: pd.DataFrame, prompt_ids: set[str], copies: int
     instructions moved 1 .. copies-1 places along their types' training phrasings
     (`flywheel.constraints.rephrase`), under `rephrased_key`; prompts without constraints, or
     whose text does not end with their instructions, have none (the SFT step repeats them)."""
-    from flywheel.constraints import rephrase
+    from flywheel.constraints import rephrase, stored_constraints
 
     out = {}
     for p in prompts.drop_duplicates("prompt_id").itertuples():
         if p.prompt_id not in prompt_ids:
             continue
-        cons = json.loads(p.constraints) if isinstance(p.constraints, str) else p.constraints
         for copy in range(1, copies):
-            text = rephrase(p.text, cons or [], copy)
+            text = rephrase(p.text, stored_constraints(p.constraints), copy)
             if text is not None and text != p.text:
                 out[rephrased_key(p.prompt_id, copy)] = text
     return out
@@ -392,8 +393,8 @@ def _sft_step(model, tok, pairs: pd.DataFrame, prompt_text: dict[str, str], cfg:
               distributed: bool = False, extra: pd.DataFrame | None = None):
     """Rejection-sampling SFT before DPO: train `peft_config`'s LoRA adapter on the verified
     passes (`sft_examples`: the pairs' and `extra`) for `cfg.sft_epochs` epochs; return (the
-    model, now a PEFT model with that adapter,
-    or `model` unchanged when there is nothing to learn from, and the sft_* metrics). DPO then
+    model, now a PEFT model with that adapter, or `model` unchanged when there is nothing to
+    learn from, and the sft_* metrics). DPO then
     continues the same adapter; TRL keeps a frozen copy of it as the reference, so DPO's
     reference is the model after SFT (or the model at `train.reference: base`). `distributed`:
     one process of several (DDP), as in `_train`."""

@@ -9,6 +9,9 @@ with the results compared.
    flywheel's NucleusWarper (the nucleus among the 512 most probable tokens, a full sort only
    for a row whose nucleus is wider). Same seeds, so the same candidates but where a boundary
    token's summed probability rounds differently: the table counts the candidates that differ.
+   Then the draw: transformers' `torch.multinomial` (an exponential variate for every token
+   of the vocabulary) against flywheel's InverseCdfSampler (one uniform number a row and a
+   cumulative sum): the same distribution, other draws; the table gives both mean lengths.
 2. Training: the demo's training step (SFT on verified passes, then DPO+NLL, LoRA, bf16) on a
    fixed set of pairs made from the seed file (chosen: the gold answer; rejected: its first
    sentence cut to 6 words), with TRL's fused LM head scoring every position (TRL's CPU default)
@@ -41,7 +44,9 @@ def _seeds() -> list[dict]:
 
 
 def bench_sampling(repeats: int) -> dict:
-    import transformers
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+    from transformers.generation.logits_process import TopPLogitsWarper
 
     from flywheel.backends import transformers as tb
     from flywheel.stages.sampling import conversation
@@ -50,31 +55,46 @@ def bench_sampling(repeats: int) -> dict:
     backend = tb.TransformersBackend(dtype="bfloat16", batch_size=32, progress=False)
     backend.load(str(MODEL))
 
-    class FullSort(transformers.generation.logits_process.TopPLogitsWarper):
-        """transformers' own top-p, passed the way NucleusWarper is."""
+    class MultinomialDraw(LogitsProcessor):
+        """transformers' draw (`torch.multinomial` of the softmax), as a processor."""
 
-    def run(warper) -> tuple[float, list[str]]:
-        tb.NucleusWarper, saved = warper, tb.NucleusWarper
+        def __init__(self, generator):
+            self.generator = generator
+
+        def __call__(self, input_ids, scores):
+            token = torch.multinomial(scores.float().softmax(dim=-1), 1,
+                                      generator=self.generator)
+            return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
+
+    variants = {
+        "full": lambda t, p, g: LogitsProcessorList([TopPLogitsWarper(p), MultinomialDraw(g)]),
+        "nucleus": lambda t, p, g: LogitsProcessorList([tb.NucleusWarper(p),
+                                                        MultinomialDraw(g)]),
+        "cdf": tb.sampling_processors,
+    }
+
+    def run(name) -> tuple[float, list[str]]:
+        saved, tb.sampling_processors = tb.sampling_processors, variants[name]
         try:
             start = time.perf_counter()
             out = backend.generate(str(MODEL), convs, n=4, temperature=1.0, top_p=0.9,
                                    max_new_tokens=48, seed=7)
             return time.perf_counter() - start, [g.text for row in out for g in row]
         finally:
-            tb.NucleusWarper = saved
+            tb.sampling_processors = saved
 
-    real = tb.NucleusWarper
-    run(real)  # warm-up
-    times: dict[str, list[float]] = {"full": [], "nucleus": []}
+    run("cdf")  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in variants}
     texts = {}
     for _ in range(repeats):
-        for name, warper in (("full", lambda p: FullSort(p)), ("nucleus", real)):
-            seconds, texts[name] = run(warper)
+        for name in variants:
+            seconds, texts[name] = run(name)
             times[name].append(seconds)
     differ = sum(a != b for a, b in zip(texts["full"], texts["nucleus"]))
-    return {"full": statistics.median(times["full"]),
-            "nucleus": statistics.median(times["nucleus"]),
-            "agree": f"{len(texts['full']) - differ}/{len(texts['full'])} candidates identical"}
+    chars = {name: statistics.mean(len(t) for t in texts[name]) for name in variants}
+    return {**{name: statistics.median(times[name]) for name in variants},
+            "agree": f"{len(texts['full']) - differ}/{len(texts['full'])} candidates identical",
+            "chars": chars}
 
 
 def _pairs():
@@ -142,6 +162,12 @@ def main() -> None:
     print("|---|---|---|---|---|")
     print(f"| sampling, 96 candidates (top-p: full sort → NucleusWarper) | {s['full']:.1f} s | "
           f"{s['nucleus']:.1f} s | {s['full'] / s['nucleus']:.2f}x | {s['agree']} |")
+    print(f"| sampling, 96 candidates (the draw: torch.multinomial → InverseCdfSampler) | "
+          f"{s['nucleus']:.1f} s | {s['cdf']:.1f} s | {s['nucleus'] / s['cdf']:.2f}x | other "
+          f"draws of the same distribution: mean {s['chars']['nucleus']:.0f} vs "
+          f"{s['chars']['cdf']:.0f} chars |")
+    print(f"| sampling, both (transformers' sampling → flywheel's) | {s['full']:.1f} s | "
+          f"{s['cdf']:.1f} s | {s['full'] / s['cdf']:.2f}x | |")
     print(f"| training, {t['pairs']} pairs (LM head: every position → labelled ones) | "
           f"{t['every']:.1f} s | {t['labelled']:.1f} s | {t['every'] / t['labelled']:.2f}x | "
           f"{t['agree']} |")

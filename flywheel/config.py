@@ -607,6 +607,15 @@ class TrainConfig:
                        "every constraint (finished ones, best judged first), from prompts whose "
                        "candidates all pass too. 0 = the pairs' chosen answers only.", fp=ADDED),
     )
+    sft_repair: bool = field(
+        default=False,
+        metadata=_meta("With train.sft_per_prompt: a constrained prompt with fewer passing "
+                       "candidates than that is topped up with its other finished candidates as "
+                       "the repairs of pairs.repair rewrite them (kept only if they then pass "
+                       "every constraint, and within the pairs' length ratios), so types the "
+                       "policy rarely passes (lowercase, no_commas) get SFT examples too.",
+                       fp=ADDED),
+    )
     sft_rephrase: bool = field(
         default=False,
         metadata=_meta("The SFT step shows each verified pass once per epoch, each time with "
@@ -1249,7 +1258,13 @@ def _relation_problems(cfg: Config) -> list[tuple[str, str]]:
 
 
 def _repair_problems(cfg: Config) -> list[tuple[str, str]]:
-    """Names in ``pairs.repair`` that are not constraint types with a repair."""
+    """Names in ``pairs.repair`` that are not constraint types with a repair; train.sft_repair
+    without what it works on."""
+    if cfg.train.sft_repair and not (cfg.pairs.repair and cfg.train.sft_per_prompt > 0
+                                     and cfg.train.sft_epochs > 0):
+        return [("train.sft_repair", "repairs candidates for the SFT step's per-prompt "
+                 "examples: it needs train.sft_epochs > 0, train.sft_per_prompt > 0 and the "
+                 "types to repair in pairs.repair; set them, or set train.sft_repair: false")]
     if not cfg.pairs.repair:
         return []
     try:

@@ -275,12 +275,12 @@ def _gen_params(cfg: Config) -> dict:
 # -- round 0: seeds, base model, base eval ----------------------------------------------------
 def seed_prompts(ctx: Context) -> str:
     """The seed pool as a prompts version (round 0)."""
-    from flywheel.stages.prompts import CODE_VERSION, seed_rows
+    from flywheel.stages.prompts import SEED_CODE_VERSION, seed_rows
 
     path = ctx.cfg.prompts.seed_file
     params = {"seed_file": path, "sha256": file_hash(path)}
     return _stage(ctx, "prompts", 0, params, [], lambda fp: (
-        {"prompts": seed_rows(_seed_records(path), path)}, {}), code=CODE_VERSION)
+        {"prompts": seed_rows(_seed_records(path), path)}, {}), code=SEED_CODE_VERSION)
 
 
 def _seed_records(path: str) -> list[dict]:
@@ -529,8 +529,9 @@ def build_pairs(ctx: Context, round_: int, judgments: str, samples: str,
 
 
 def _sampled_passes(ctx: Context, pairs: str, prompts: pd.DataFrame) -> pd.DataFrame:
-    """`train.sft_per_prompt`: the round's candidates that pass every constraint, from the
-    samples and judgments the pairs version was made from (its parents)."""
+    """`train.sft_per_prompt`: the round's candidates that pass every constraint (with
+    `train.sft_repair`, topped up by repaired ones), from the samples and judgments the pairs
+    version was made from (its parents)."""
     from flywheel.stages.train import sampled_passes
 
     parents = {ctx.catalog.get(v).kind: v for v in ctx.catalog.get(pairs).parents}
@@ -538,7 +539,9 @@ def _sampled_passes(ctx: Context, pairs: str, prompts: pd.DataFrame) -> pd.DataF
         return pd.DataFrame(columns=["prompt_id", "text"])
     return sampled_passes(prompts, ctx.catalog.rows("samples", parents["samples"]),
                           ctx.catalog.rows("judgments", parents["judgments"]),
-                          ctx.cfg.train.sft_per_prompt, ctx.cfg.judge.mode)
+                          ctx.cfg.train.sft_per_prompt, ctx.cfg.judge.mode,
+                          repair_types=ctx.cfg.pairs.repair if ctx.cfg.train.sft_repair else None,
+                          pairs_cfg=ctx.cfg.pairs)
 
 
 def training_dtype(cfg: Config) -> str:

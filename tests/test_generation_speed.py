@@ -1,7 +1,9 @@
-"""Two speed-ups that leave results as they were: nucleus sampling without sorting the whole
-vocabulary (`NucleusWarper`, the transformers backend), and TRL's fused LM head scoring only
-the labelled positions on the CPU (`score_labelled_positions_only`, the train stage). The
-time they save is measured by `bench/generation_train.py`; here: same tokens, same numbers."""
+"""CPU speed-ups of generation and training: nucleus sampling without sorting the whole
+vocabulary (`NucleusWarper`, the transformers backend) and TRL's fused LM head scoring only
+the labelled positions on the CPU (`score_labelled_positions_only`, the train stage) leave
+results as they were (same tokens, same numbers); the draw by the inverse of the cumulative
+distribution (`InverseCdfSampler`) draws from the same distribution as transformers'. The
+time they save is measured by `bench/cpu_speedups.py`."""
 
 from __future__ import annotations
 
@@ -11,7 +13,12 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from flywheel.backends.transformers import NucleusWarper, TransformersBackend
+from flywheel.backends.transformers import (
+    InverseCdfSampler,
+    NucleusWarper,
+    TransformersBackend,
+    sampling_processors,
+)
 from flywheel.stages.sampling import conversation
 from flywheel.stages.train import score_labelled_positions_only
 
@@ -92,6 +99,53 @@ def test_sampling_with_top_p_is_seeded_and_uses_the_warper(tiny_model, monkeypat
     backend.generate(str(tiny_model), convs, n=1, temperature=1.0, top_p=1.0,
                      max_new_tokens=4, seed=3)
     assert calls == []  # top_p 1.0: no filtering at all
+
+
+def test_the_inverse_cdf_draw_follows_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0, 0.0])
+    scores = probs.log().expand(40_000, -1).clone()  # 0 -> -inf: never drawn
+    out = InverseCdfSampler(torch.Generator().manual_seed(5))(IDS, scores)
+    assert bool((torch.isfinite(out).sum(dim=-1) == 1).all())  # one token a row ...
+    assert bool((out[torch.isfinite(out)] == 0).all())  # ... that greedy decoding picks
+    freq = torch.bincount(out.argmax(dim=-1), minlength=6).float() / 40_000
+    assert freq[4:].tolist() == [0.0, 0.0]
+    # binomial standard error at 40k draws is at most 0.0025: within 4 of them
+    assert torch.allclose(freq, probs, atol=0.01), freq.tolist()
+    again = InverseCdfSampler(torch.Generator().manual_seed(5))(IDS, scores)
+    assert torch.equal(out, again)  # seeded
+    other = InverseCdfSampler(torch.Generator().manual_seed(6))(IDS, scores)
+    assert not torch.equal(out, other)
+
+
+def test_the_draw_follows_temperature_and_the_nucleus():
+    scores = _logits([0.5, 0.3, 0.15], vocab=50).expand(20_000, -1).clone()
+    gen = torch.Generator().manual_seed(0)
+    drawn = sampling_processors(1.0, 0.8, gen)(IDS, scores.clone()).argmax(dim=-1)
+    assert set(drawn.tolist()) == {0, 1}  # the nucleus: 0.5 + 0.3 reaches 0.8
+    assert abs(float((drawn == 0).float().mean()) - 0.5 / 0.8) < 0.015
+    cold = sampling_processors(0.25, 1.0, gen)(IDS, scores.clone()).argmax(dim=-1)
+    # temperature 0.25: p ~ p0^4, so the top token takes 0.5^4 / (0.5^4 + 0.3^4 + ...) = 0.88
+    want = (torch.tensor([0.5, 0.3, 0.15]) ** 4).tolist()
+    share = want[0] / (sum(want) + 47 * ((0.05 / 47) ** 4))
+    assert abs(float((cold == 0).float().mean()) - share) < 0.015
+    assert [type(p).__name__ for p in sampling_processors(0.7, 0.9, gen)] == [
+        "TemperatureLogitsWarper", "NucleusWarper", "InverseCdfSampler"]
+    assert [type(p).__name__ for p in sampling_processors(1.0, 1.0, gen)] == [
+        "InverseCdfSampler"]
+
+
+def test_generation_samples_without_torch_multinomial(tiny_model, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.multinomial called")
+
+    monkeypatch.setattr(torch, "multinomial", refuse)
+    backend = TransformersBackend(batch_size=4, progress=False)
+    convs = [conversation("Name a colour."), conversation("Count to three.")]
+    hot = backend.generate(str(tiny_model), convs, n=4, temperature=1.5, top_p=1.0,
+                           max_new_tokens=8, seed=3)
+    assert len({g.text for row in hot for g in row}) > 1  # sampled: the candidates differ
+    greedy = backend.generate(str(tiny_model), convs, n=2, temperature=0.0, max_new_tokens=8)
+    assert all(len({g.text for g in row}) == 1 for row in greedy)
 
 
 def test_trl_scores_labelled_positions_only_on_the_cpu(tiny_model):

@@ -115,12 +115,20 @@ def test_a_stage_imports_no_catalog_cli_pipeline_or_flow(module):
     assert banned == [], f"flywheel/stages/{module}.py imports {banned}"
 
 
+#: A stage's code version moves only when it makes different rows from the same inputs: the
+#: three that generate with sampling draw by InverseCdfSampler since +2.
+BUMPED = {"prompts": "0.1.0+2", "sampling": "0.1.0+2", "judging": "0.1.0+2"}
+
+
 def test_every_stage_carries_its_own_code_version():
     import importlib
 
+    from flywheel.stages.prompts import SEED_CODE_VERSION
+
     for module in STAGE_MODULES:
         mod = importlib.import_module(f"flywheel.stages.{module}")
-        assert mod.CODE_VERSION == "0.1.0+1", module  # unchanged outputs keep their ids
+        assert mod.CODE_VERSION == BUMPED.get(module, "0.1.0+1"), module
+    assert SEED_CODE_VERSION == "0.1.0+1"  # the seed pool's version keeps its id
 
 
 # -- fingerprints from field declarations --------------------------------------------------------

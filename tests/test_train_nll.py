@@ -361,6 +361,63 @@ def test_sampled_passes_take_the_best_finished_distinct_passes_per_prompt():
     assert sampled_passes(prompts, samples, judgments, per_prompt=0).empty
 
 
+def test_sft_repair_tops_up_prompts_with_few_passes_from_repaired_candidates():
+    from flywheel.config import PairsConfig
+
+    prompts, samples, judgments = _round({
+        "a": [("A1", 1.0, 2.0, "stop"), ("a2", 1.0, 4.0, "stop"), ("Ax", 0.0, 9.0, "stop")],
+        "b": [("b1", 1.0, 1.0, "stop"), ("B Two", 0.0, 1.0, "stop"),
+              ("B Cut", 0.0, 3.0, "length"), ("B three", 0.0, 2.0, "stop")],
+        "c": [("C One", 0.0, 1.0, "stop"), ("1 2 3", 0.0, 5.0, "stop"),  # no letter to lower
+              ("c one", 0.0, 0.0, "length")],
+        "d": [("D1", None, 5.0, "stop")],  # no constraints: nothing verified, nothing repaired
+    })
+    got = sampled_passes(prompts, samples, judgments, per_prompt=2,
+                         repair_types=["lowercase"], pairs_cfg=PairsConfig())
+    # a: two passes already; b: its pass, then the best judged finished failure lower-cased
+    # (the truncated "B Cut" is left out); c: "1 2 3" has no repair, "C One" gives "c one"
+    assert list(zip(got.prompt_id, got.text)) == [
+        ("a", "a2"), ("a", "A1"), ("b", "b1"), ("b", "b three"), ("c", "c one")]
+    assert sampled_passes(prompts, samples, judgments, per_prompt=2).text.tolist() == [
+        "a2", "A1", "b1"]  # without repair_types: passes only
+    assert sampled_passes(prompts, samples, judgments, per_prompt=2,
+                          repair_types=["uppercase"]).text.tolist() == ["a2", "A1", "b1"]
+
+
+def test_sft_repair_keeps_the_pairs_length_ratios():
+    from flywheel.config import PairsConfig
+
+    prompts, samples, judgments = _round({"a": [("Way too long. " * 4, 0.0, 1.0, "stop")]})
+    prompts["constraints"] = json.dumps([{"type": "max_sentences", "n": 1}])
+    kw = dict(per_prompt=1, repair_types=["max_sentences"])
+    assert sampled_passes(prompts, samples, judgments, **kw).text.tolist() == ["Way too long."]
+    # the prompt asks for a quarter of the candidate's 56 characters (1 sentence of 4): 14;
+    # the repaired 13 are over half of that, and under 0.95 of it
+    assert sampled_passes(prompts, samples, judgments, **kw,
+                          pairs_cfg=PairsConfig(min_length_ratio=0.5)).text.tolist() == [
+        "Way too long."]
+    assert sampled_passes(prompts, samples, judgments, **kw,
+                          pairs_cfg=PairsConfig(min_length_ratio=0.95)).empty
+
+
+@pytest.mark.parametrize("yaml", [
+    "train:\n  sft_repair: true\n",
+    "train:\n  sft_repair: true\n  sft_epochs: 1\n  sft_per_prompt: 2\n",
+    "train:\n  sft_repair: true\n  sft_epochs: 1\npairs:\n  repair: [lowercase]\n",
+])
+def test_sft_repair_without_what_it_works_on_is_a_config_error(tmp_path, yaml):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml)
+    with pytest.raises(FlywheelError) as err:
+        load_config(path)
+    assert "train.sft_repair: repairs candidates for the SFT step's per-prompt examples: it " \
+           "needs train.sft_epochs > 0, train.sft_per_prompt > 0" in str(err.value)
+    cfg_ok = tmp_path / "ok.yaml"
+    cfg_ok.write_text("train:\n  sft_repair: true\n  sft_epochs: 1\n  sft_per_prompt: 2\n"
+                      "pairs:\n  repair: [lowercase]\n")
+    assert load_config(cfg_ok).train.sft_repair is True
+
+
 def test_sft_examples_join_the_pairs_passes_and_the_sampled_ones_once():
     extra = pd.DataFrame({"prompt_id": ["p0", "p3"], "text": ["yes, 0 it is", "p3's pass"]})
     got = sft_examples(PAIRS, extra)

@@ -47,8 +47,9 @@ FORCED_PREFIX = {"pointwise": "\nScore: ", "pairwise": "\n\nFinal verdict: [["}
 _VERDICT_START = re.compile(r"score\s*[:=]|\[\[|final verdict", re.IGNORECASE)
 
 #: The code version of this stage's output: part of its fingerprint; bump it when the stage
-#: makes different rows from the same inputs.
-CODE_VERSION = "0.1.0+1"
+#: makes different rows from the same inputs. +2: a sampled judge (judge.samples > 1) draws
+#: by the transformers backend's InverseCdfSampler, not torch.multinomial.
+CODE_VERSION = "0.1.0+2"
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,11 @@ from flywheel.templates import render
 PROMPT_COLUMNS = columns("prompts")
 
 #: The code version of this stage's output: part of its fingerprint; bump it when the stage
-#: makes different rows from the same inputs.
-CODE_VERSION = "0.1.0+1"
+#: makes different rows from the same inputs. +2: the transformers backend draws tokens by
+#: InverseCdfSampler, not torch.multinomial (the same distribution, other draws).
+CODE_VERSION = "0.1.0+2"
+#: The code version of the seed pool's prompts version (round 0): no generation, unchanged.
+SEED_CODE_VERSION = "0.1.0+1"
 
 
 def seed_rows(records: list[dict], source_file: str) -> pd.DataFrame:

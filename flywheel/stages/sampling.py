@@ -21,8 +21,9 @@ from flywheel.tables import columns
 SAMPLE_COLUMNS = columns("samples")
 
 #: The code version of this stage's output: part of its fingerprint; bump it when the stage
-#: makes different rows from the same inputs.
-CODE_VERSION = "0.1.0+1"
+#: makes different rows from the same inputs. +2: the transformers backend draws tokens by
+#: InverseCdfSampler, not torch.multinomial (the same distribution, other draws).
+CODE_VERSION = "0.1.0+2"
 
 
 def select_prompts(pool: pd.DataFrame, new_ids: list[str], k: int, seed: int,

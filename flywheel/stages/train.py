@@ -282,21 +282,28 @@ def verified_passes(pairs: pd.DataFrame) -> pd.DataFrame:
 
 
 def sampled_passes(prompts: pd.DataFrame, samples: pd.DataFrame, judgments: pd.DataFrame,
-                   per_prompt: int, mode: str = "hybrid") -> pd.DataFrame:
+                   per_prompt: int, mode: str = "hybrid", repair_types: list[str] | None = None,
+                   pairs_cfg=None) -> pd.DataFrame:
     """`train.sft_per_prompt`'s SFT examples (prompt_id, text): up to `per_prompt` distinct
     answers per constrained prompt among its candidates that pass every constraint (verifier
     fraction 1.0) and ended on their own, best first (LLM score, then sample id), whether or
-    not the prompt made a pair."""
-    from flywheel.constraints import stored_constraints
-    from flywheel.stages.pairs import standings
+    not the prompt made a pair. With `repair_types` (`train.sft_repair`: the `pairs.repair`
+    types), a prompt with fewer passes is topped up with its other finished candidates as the
+    constraints' repairs rewrite them (`flywheel.constraints.repair`: kept only if the result
+    passes every constraint), best first (verifier fraction, LLM score, sample id); with
+    `pairs_cfg`, a repaired answer whose length is off the pairs' ratios against the candidate
+    it came from is left out, as for repair pairs."""
+    from flywheel.constraints import repair, stored_constraints
+    from flywheel.stages.pairs import _off_ratio, length_bounds, standings
 
     rows: list[dict] = []
     if per_prompt <= 0:
         return pd.DataFrame(rows, columns=["prompt_id", "text"])
     text = dict(zip(samples.sample_id, samples.text))
-    constrained = {p.prompt_id for p in prompts.itertuples() if stored_constraints(p.constraints)}
+    cons = {p.prompt_id: stored_constraints(p.constraints) for p in prompts.itertuples()}
+    bounds = length_bounds(prompts) if pairs_cfg is not None else {}
     for pid, group in sorted(standings(samples, judgments, mode).items()):
-        if pid not in constrained:
+        if not cons.get(pid):
             continue
         passes = sorted((s for s in group if s.verifier is not None and s.verifier >= 1.0
                          and s.finished), key=lambda s: (-(s.llm or 0.0), s.sample_id))
@@ -306,6 +313,18 @@ def sampled_passes(prompts: pd.DataFrame, samples: pd.DataFrame, judgments: pd.D
                 kept.append(text[s.sample_id])
             if len(kept) == per_prompt:
                 break
+        if repair_types and len(kept) < per_prompt:
+            failing = sorted((s for s in group if s.finished
+                              and (s.verifier is None or s.verifier < 1.0)),
+                             key=lambda s: (-(s.verifier or 0.0), -(s.llm or 0.0), s.sample_id))
+            for s in failing:
+                fixed = repair(text[s.sample_id], cons[pid], repair_types)
+                if fixed is None or fixed in kept or (pairs_cfg is not None and _off_ratio(
+                        fixed, text[s.sample_id], pairs_cfg, bounds.get(pid, ()))):
+                    continue
+                kept.append(fixed)
+                if len(kept) == per_prompt:
+                    break
         rows += [{"prompt_id": pid, "text": t} for t in kept]
     return pd.DataFrame(rows, columns=["prompt_id", "text"])
 

@@ -52,8 +52,9 @@ class InverseCdfSampler(LogitsProcessor):
     its cumulative distribution (one uniform number a row from `generator`), and returns
     scores where only the drawn token is finite, so that greedy decoding picks it. The same
     distribution as transformers' sampling, which draws with `torch.multinomial`: on a CPU
-    that takes an exponential variate for every token of a 49k vocabulary each step, a fifth
-    of sampling time for a small model; this takes one cumulative sum."""
+    that takes an exponential variate for every token of a 49k vocabulary each step (for a
+    135M model, sampling is 1.15x faster without it: bench/cpu_speedups.py); this takes one
+    cumulative sum."""
 
     def __init__(self, generator: torch.Generator):
         self.generator = generator

@@ -61,7 +61,9 @@ class InverseCdfSampler(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         cdf = scores.float().softmax(dim=-1).cumsum(dim=-1)
-        u = torch.rand(cdf.shape[0], 1, generator=self.generator) * cdf[:, -1:]
+        # drawn on the generator's device (the CPU), then moved to the scores' (a GPU's)
+        u = torch.rand(cdf.shape[0], 1, generator=self.generator,
+                       device=self.generator.device).to(cdf.device) * cdf[:, -1:]
         # the first token whose cumulative mass exceeds u: never one of probability 0
         token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
         out = torch.full_like(scores, float("-inf"))

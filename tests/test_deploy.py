@@ -190,9 +190,16 @@ def prefect_server(tmp_path_factory):
 
 
 def _api(method: str, url: str, **kw):
+    """A call to the Prefect server's API. A 503 (the server's database busy with a run's
+    writes, as on a loaded 2-core machine) is asked again, up to 10 times over about 20 s:
+    the tests are about what flywheel deploys, not the server's availability."""
     import httpx
 
-    r = httpx.request(method, url, timeout=30, **kw)
+    for attempt in range(10):
+        r = httpx.request(method, url, timeout=30, **kw)
+        if r.status_code != 503:
+            break
+        time.sleep(0.5 * (attempt + 1) if attempt < 5 else 3.0)
     r.raise_for_status()
     return r.json() if r.content else None
 

@@ -175,6 +175,19 @@ def _off_ratio(chosen: str, rejected: str, cfg: PairsConfig, bounds: tuple = ())
 UPPER_BOUND_TYPES = frozenset({"max_words", "max_sentences"})
 
 
+def repaired(text: str, constraints: list[dict], types, cfg: PairsConfig | None = None,
+             bounds: tuple = ()) -> str | None:
+    """``text`` rewritten by the constraints' repairs (`flywheel.constraints.repair`, only
+    `types`) so that it passes every constraint; None where it cannot be, or (with `cfg`)
+    where the result's length is off the pairs' ratios against ``text`` (`_off_ratio`)."""
+    from flywheel.constraints import repair
+
+    fixed = repair(text, constraints, types)
+    if fixed is None or (cfg is not None and _off_ratio(fixed, text, cfg, bounds)):
+        return None
+    return fixed
+
+
 def allowed_chars(rejected: str, bounds: tuple | list = ()) -> float:
     """The length, in characters, an answer to the rejected one's prompt may have: the rejected
     text's, scaled down by each upper bound it breaks (at most n words or sentences, against
@@ -250,8 +263,6 @@ def repair_pairs(prompts: pd.DataFrame, samples: pd.DataFrame, judgments: pd.Dat
     answer, the candidate itself the rejected one: rule `repair`, chosen id `repair:<sample
     id>`, scores the verifier fractions (1.0 for the repaired answer, which passes every
     constraint). With `cfg`, its length ratios apply as to other pairs."""
-    from flywheel.constraints import repair
-
     text = dict(zip(samples.sample_id, samples.text))
     cons = {r.prompt_id: r.constraints for r in prompts.itertuples()}
     bounds = length_bounds(prompts) if cfg is not None else {}
@@ -262,9 +273,8 @@ def repair_pairs(prompts: pd.DataFrame, samples: pd.DataFrame, judgments: pd.Dat
             continue
         best = min(group, key=lambda s: (-(s.verifier or 0.0), -(s.llm or 0.0),
                                          not s.finished, s.sample_id))
-        fixed = repair(text[best.sample_id], c, types)
-        if fixed is None or (cfg is not None and _off_ratio(fixed, text[best.sample_id], cfg,
-                                                            bounds.get(pid, ()))):
+        fixed = repaired(text[best.sample_id], c, types, cfg, bounds.get(pid, ()))
+        if fixed is None:
             continue
         score = best.verifier if best.verifier is not None else 0.0
         rows.append({"pair_id": "pr_" + stable_id(salt, "repair", best.sample_id),

@@ -293,8 +293,8 @@ def sampled_passes(prompts: pd.DataFrame, samples: pd.DataFrame, judgments: pd.D
     passes every constraint), best first (verifier fraction, LLM score, sample id); with
     `pairs_cfg`, a repaired answer whose length is off the pairs' ratios against the candidate
     it came from is left out, as for repair pairs."""
-    from flywheel.constraints import repair, stored_constraints
-    from flywheel.stages.pairs import _off_ratio, length_bounds, standings
+    from flywheel.constraints import stored_constraints
+    from flywheel.stages.pairs import length_bounds, repaired, standings
 
     rows: list[dict] = []
     if per_prompt <= 0:
@@ -318,9 +318,9 @@ def sampled_passes(prompts: pd.DataFrame, samples: pd.DataFrame, judgments: pd.D
                               and (s.verifier is None or s.verifier < 1.0)),
                              key=lambda s: (-(s.verifier or 0.0), -(s.llm or 0.0), s.sample_id))
             for s in failing:
-                fixed = repair(text[s.sample_id], cons[pid], repair_types)
-                if fixed is None or fixed in kept or (pairs_cfg is not None and _off_ratio(
-                        fixed, text[s.sample_id], pairs_cfg, bounds.get(pid, ()))):
+                fixed = repaired(text[s.sample_id], cons[pid], repair_types, pairs_cfg,
+                                 bounds.get(pid, ()))
+                if fixed is None or fixed in kept:
                     continue
                 kept.append(fixed)
                 if len(kept) == per_prompt:
